@@ -1,0 +1,355 @@
+"""Exact densities: Gaussians and Gaussian mixtures, with closed-form scores at every noise level.
+
+A Gaussian mixture stays a Gaussian mixture when it is convolved with Gaussian noise
+or pushed through a linear-drift SDE, so its score is known exactly at every sigma and
+every time t. That makes it the book's oracle: it separates model error from sampler error.
+
+Each component covariance is stored by its eigendecomposition ``Sigma_k = U_k diag(lam_k) U_k^T``;
+then ``a^2 Sigma_k + s^2 I = U_k diag(a^2 lam_k + s^2) U_k^T`` for any per-sample ``a`` and ``s``,
+so densities and scores of every perturbed version cost one batched rotation.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .contract import LOG_2PI, ScoreFn, TimeLike, as_time, check_finite, check_positive
+
+__all__ = [
+    "GaussianMixture",
+    "Gaussian",
+    "song_ermon_mixture",
+    "eight_gaussians_mixture",
+    "make_toy",
+    "TOY_NAMES",
+    "oracle_score",
+]
+
+_F64 = torch.float64
+
+
+def _as64(name: str, value, device=None) -> Tensor:
+    t = torch.as_tensor(value, dtype=_F64, device=device)
+    check_finite(name, t)
+    return t
+
+
+def _parse_covs(covs, k: int, d: int) -> Tensor:
+    """Turn the accepted covariance forms into a (K, D, D) tensor.
+
+    (K, D, D): full covariances.  (K, D): diagonal standard deviations.
+    (K,): isotropic standard deviation per component.  scalar: one std for all.
+    """
+    c = _as64("covs", covs)
+    if c.ndim == 0:
+        check_positive("std", c)
+        return (c ** 2) * torch.eye(d, dtype=_F64).expand(k, d, d).clone()
+    if c.ndim == 1:
+        if c.shape[0] != k:
+            raise ValueError(f"a 1-D covs is read as one std per component: expected {k} entries, got {c.shape[0]}")
+        check_positive("std", c)
+        return (c ** 2)[:, None, None] * torch.eye(d, dtype=_F64)
+    if c.ndim == 2:
+        if c.shape != (k, d):
+            raise ValueError(f"a 2-D covs is read as diagonal stds: expected shape ({k}, {d}), got {tuple(c.shape)}")
+        check_positive("std", c)
+        return torch.diag_embed(c ** 2)
+    if c.ndim == 3 and c.shape == (k, d, d):
+        return c.clone()
+    raise ValueError(f"covs must have shape ({k},{d},{d}), ({k},{d}), ({k},) or be a scalar; got {tuple(c.shape)}")
+
+
+class GaussianMixture:
+    """``p(x) = sum_k w_k N(x; mu_k, Sigma_k)`` in any dimension, stored in float64.
+
+    Args:
+        means: (K, D) component means.
+        covs: (K, D, D) full covariances; or (K, D) diagonal *standard deviations*;
+            or (K,) isotropic standard deviations; or a scalar standard deviation.
+        weights: (K,) non-negative, summing to 1. Defaults to uniform.
+    """
+
+    def __init__(self, means, covs=1.0, weights=None):
+        mu = _as64("means", means)
+        if mu.ndim == 1:
+            mu = mu[:, None]  # K one-dimensional components
+        if mu.ndim != 2:
+            raise ValueError(f"means must have shape (K, D), got {tuple(mu.shape)}")
+        k, d = mu.shape
+        w = torch.full((k,), 1.0 / k, dtype=_F64) if weights is None else _as64("weights", weights)
+        if w.shape != (k,):
+            raise ValueError(f"weights must have shape ({k},) to match means, got {tuple(w.shape)}")
+        if (w < 0).any():
+            raise ValueError(f"weights must be non-negative, got {w.tolist()}")
+        if abs(float(w.sum()) - 1.0) > 1e-6:
+            raise ValueError(f"weights must sum to 1, got sum {float(w.sum()):.6g}")
+        cov = _parse_covs(covs, k, d)
+        if not torch.allclose(cov, cov.transpose(-1, -2), atol=1e-10, rtol=1e-8):
+            raise ValueError("covariance matrices must be symmetric")
+        evals, evecs = torch.linalg.eigh(cov)
+        if (evals <= 0).any():
+            bad = int((evals.min(dim=-1).values <= 0).nonzero()[0])
+            raise ValueError(f"covariance of component {bad} is not positive definite "
+                             f"(smallest eigenvalue {float(evals[bad].min()):.3g})")
+        self.means = mu            # (K, D)
+        self.covs = cov            # (K, D, D)
+        self.weights = w           # (K,)
+        self._evals = evals        # (K, D)
+        self._evecs = evecs        # (K, D, D), columns are eigenvectors
+
+    # ----- basic properties ---------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def n_components(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.means.device
+
+    def to(self, device) -> "GaussianMixture":
+        """A copy whose parameters live on ``device``."""
+        new = object.__new__(type(self))
+        for name in ("means", "covs", "weights", "_evals", "_evecs"):
+            setattr(new, name, getattr(self, name).to(device))
+        return new
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(K={self.n_components}, D={self.dim})"
+
+    def _check_x(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
+        return x
+
+    # ----- the one computation everything uses ------------------------------------------
+    def _components(self, x: Tensor, a: Tensor | None = None, s2: Tensor | None = None):
+        """Per-component log-densities and scores of ``sum_k w_k N(a mu_k, a^2 Sigma_k + s2 I)``.
+
+        x: (B, D); a, s2: (B,) or None (meaning a=1, s2=0). Returns
+        log_wN (B, K) = log w_k + log N_k(x) and comp_score (B, K, D), in float64.
+        """
+        x = self._check_x(x).to(_F64)
+        dev = x.device
+        mu, lam, u = self.means.to(dev), self._evals.to(dev), self._evecs.to(dev)
+        b = x.shape[0]
+        a = torch.ones(b, dtype=_F64, device=dev) if a is None else a.to(dev, _F64)
+        s2 = torch.zeros(b, dtype=_F64, device=dev) if s2 is None else s2.to(dev, _F64)
+        diff = x[:, None, :] - a[:, None, None] * mu[None]                  # (B, K, D)
+        y = torch.einsum("bke,ked->bkd", diff, u)                           # (B, K, D) eigen-coordinates
+        var = a[:, None, None] ** 2 * lam[None] + s2[:, None, None]         # (B, K, D)
+        log_n = -0.5 * ((y ** 2 / var) + torch.log(var)).sum(-1) - 0.5 * self.dim * LOG_2PI  # (B, K)
+        log_wn = torch.log(self.weights.to(dev))[None] + log_n               # (B, K)
+        comp_score = -torch.einsum("ked,bkd->bke", u, y / var)               # (B, K, D)
+        return log_wn, comp_score
+
+    def _log_prob_score(self, x: Tensor, a=None, s2=None) -> tuple[Tensor, Tensor]:
+        log_wn, comp_score = self._components(x, a, s2)
+        logp = torch.logsumexp(log_wn, dim=1)                                # (B,)
+        resp = torch.softmax(log_wn, dim=1)                                  # (B, K)
+        score = (resp[..., None] * comp_score).sum(1)                        # (B, D)
+        return logp, score
+
+    # ----- public API -----------------------------------------------------------------
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log p(x) in nats; x (B, D) -> (B,), in x's dtype and device."""
+        logp, _ = self._log_prob_score(x)
+        return logp.to(x.dtype)
+
+    def score(self, x: Tensor) -> Tensor:
+        """Closed-form ``grad_x log p(x) = sum_k r_k(x) (-Sigma_k^{-1}(x - mu_k))``; (B, D)."""
+        _, s = self._log_prob_score(x)
+        return s.to(x.dtype)
+
+    def responsibilities(self, x: Tensor) -> Tensor:
+        """Posterior component probabilities ``r_k(x)``; (B, K)."""
+        log_wn, _ = self._components(x)
+        return torch.softmax(log_wn, dim=1).to(x.dtype)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``n`` samples; (n, D) float64 on the generator's (or the mixture's) device."""
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        dev = generator.device if generator is not None else self.device
+        mu, lam, u, w = (t.to(dev) for t in (self.means, self._evals, self._evecs, self.weights))
+        k = torch.multinomial(w, n, replacement=True, generator=generator)          # (n,)
+        z = torch.randn(n, self.dim, generator=generator, device=dev, dtype=_F64)    # (n, D)
+        return mu[k] + torch.einsum("nde,ne->nd", u[k], lam[k].sqrt() * z)
+
+    def perturb(self, sigma: float) -> "GaussianMixture":
+        """The exact density of ``x + sigma z``, ``z ~ N(0, I)``: every covariance gains ``sigma^2 I``."""
+        if not math.isfinite(float(sigma)) or float(sigma) < 0:
+            raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
+        eye = torch.eye(self.dim, dtype=_F64, device=self.device)
+        return GaussianMixture(self.means, self.covs + float(sigma) ** 2 * eye, self.weights)
+
+    def marginal(self, sde, t: float) -> "GaussianMixture":
+        """The exact law at time ``t`` of the forward ``sde`` started from this mixture.
+
+        ``x_t = a(t) x_0 + std(t) z`` maps each component to ``N(a mu_k, a^2 Sigma_k + std^2 I)``.
+        """
+        a = float(sde.mean_coef(float(t)))
+        s = float(sde.marginal_std(float(t)))
+        eye = torch.eye(self.dim, dtype=_F64, device=self.device)
+        return GaussianMixture(a * self.means, a * a * self.covs + s * s * eye, self.weights)
+
+    # per-sample versions used by the oracle
+    def _perturbed_log_prob_score(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        return self._log_prob_score(x, None, sigma.to(_F64) ** 2)
+
+    def _marginal_log_prob_score(self, x: Tensor, sde, t: Tensor) -> tuple[Tensor, Tensor]:
+        return self._log_prob_score(x, sde.mean_coef(t.to(_F64)), sde.marginal_std(t.to(_F64)) ** 2)
+
+
+class Gaussian(GaussianMixture):
+    """``N(mean, cov)`` in any dimension. ``cov`` is a (D, D) covariance matrix, or a
+    scalar (isotropic std) or a (D,) vector (diagonal stds)."""
+
+    def __init__(self, mean, cov=1.0):
+        m = _as64("mean", mean).reshape(-1)
+        c = _as64("cov", cov)
+        if c.ndim == 2:
+            c = c[None]
+        elif c.ndim == 1:
+            c = c[None]  # (1, D) diagonal stds
+        super().__init__(m[None], c, torch.ones(1, dtype=_F64))
+
+    @property
+    def mean(self) -> Tensor:
+        return self.means[0]
+
+    @property
+    def cov(self) -> Tensor:
+        return self.covs[0]
+
+    def entropy(self) -> float:
+        """Differential entropy in nats: ``D/2 log(2 pi e) + 1/2 log det Sigma``."""
+        return 0.5 * self.dim * (LOG_2PI + 1.0) + 0.5 * float(torch.log(self._evals[0]).sum())
+
+
+def song_ermon_mixture() -> GaussianMixture:
+    """``1/5 N((-5,-5), I) + 4/5 N((5,5), I)`` from Song & Ermon (2019), Appendix B."""
+    return GaussianMixture([[-5.0, -5.0], [5.0, 5.0]], 1.0, [0.2, 0.8])
+
+
+def eight_gaussians_mixture(radius: float = 2.0, std: float = 0.15) -> GaussianMixture:
+    """Eight equal-weight isotropic Gaussians evenly spaced on a circle of ``radius``."""
+    ang = torch.arange(8, dtype=_F64) * (2 * math.pi / 8)
+    means = radius * torch.stack([torch.cos(ang), torch.sin(ang)], dim=1)
+    return GaussianMixture(means, std)
+
+
+# ----- 2-D toy data sets ------------------------------------------------------------------
+def _randn(n, g, *shape):
+    return torch.randn(n, *shape, generator=g, dtype=_F64)
+
+
+def _rand(n, g, *shape):
+    return torch.rand(n, *shape, generator=g, dtype=_F64)
+
+
+def _swiss_roll(n, g):
+    t = 1.5 * math.pi * (1 + 2 * _rand(n, g))
+    x = torch.stack([t * torch.cos(t), t * torch.sin(t)], 1) / 5.0
+    return x + 0.1 * _randn(n, g, 2)
+
+
+def _moons(n, g):
+    n1 = n // 2
+    a = math.pi * _rand(n, g)
+    upper = torch.stack([torch.cos(a), torch.sin(a)], 1)
+    lower = torch.stack([1 - torch.cos(a), 0.5 - torch.sin(a)], 1)
+    x = torch.where((torch.arange(n) < n1)[:, None], upper, lower)
+    x = (x - torch.tensor([0.5, 0.25], dtype=_F64)) * 2.0
+    return x + 0.1 * _randn(n, g, 2)
+
+
+def _circles(n, g):
+    a = 2 * math.pi * _rand(n, g)
+    r = torch.where(torch.arange(n) < n // 2, 2.0, 1.0).to(_F64)
+    x = r[:, None] * torch.stack([torch.cos(a), torch.sin(a)], 1)
+    return x + 0.08 * _randn(n, g, 2)
+
+
+def _checkerboard(n, g):
+    x1 = 4 * _rand(n, g) - 2                                   # column in [-2, 2)
+    col = torch.floor(x1).long() % 2                           # 0 or 1
+    x2 = _rand(n, g) + 2 * torch.randint(0, 2, (n,), generator=g).to(_F64) - 2  # a cell in [-2,-1) or [0,1)
+    x2 = x2 + col.to(_F64)                                     # shift alternate columns by one cell
+    return torch.stack([x1, x2], 1)
+
+
+def _pinwheel(n, g, n_arms=5, radial_std=0.3, tangential_std=0.1, rate=0.25):
+    arm = torch.randint(0, n_arms, (n,), generator=g).to(_F64)
+    feats = _randn(n, g, 2) * torch.tensor([radial_std, tangential_std], dtype=_F64)
+    feats[:, 0] += 1.0
+    ang = arm * 2 * math.pi / n_arms + rate * torch.exp(feats[:, 0])
+    c, s = torch.cos(ang), torch.sin(ang)
+    rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # (n, 2, 2)
+    return 2.0 * torch.einsum("nij,nj->ni", rot, feats)
+
+
+def _eight(n, g):
+    return eight_gaussians_mixture().sample(n, generator=g)
+
+
+def _song_ermon(n, g):
+    return song_ermon_mixture().sample(n, generator=g)
+
+
+_TOYS = {
+    "swiss_roll": _swiss_roll,
+    "moons": _moons,
+    "circles": _circles,
+    "8gaussians": _eight,
+    "checkerboard": _checkerboard,
+    "pinwheel": _pinwheel,
+    "song_ermon": _song_ermon,
+}
+TOY_NAMES: tuple[str, ...] = tuple(_TOYS)
+
+
+def make_toy(name: str, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """``n`` points of the 2-D toy data set ``name`` (one of ``TOY_NAMES``); (n, 2) float64 on CPU."""
+    if name not in _TOYS:
+        raise ValueError(f"unknown toy data set {name!r}; choose one of {', '.join(TOY_NAMES)}")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError("make_toy draws on the CPU: pass a CPU generator and move the result with .to(device)")
+    return _TOYS[name](n, generator)
+
+
+# ----- the oracle -------------------------------------------------------------------------
+def oracle_score(dist: GaussianMixture, sde=None) -> ScoreFn:
+    """The exact score of ``dist`` at every noise level, as a ``score(x, t)`` callable.
+
+    * ``sde is None``: ``t`` is the noise std sigma; returns ``grad log (p * N(0, sigma^2 I))(x)``
+      (``t = 0`` gives the clean score).
+    * ``sde`` given: ``t`` is the SDE time; returns ``grad log p_t(x)`` of the forward marginal.
+
+    ``t`` may differ per sample. The result has x's dtype and device.
+    """
+    if not isinstance(dist, GaussianMixture):
+        raise TypeError(f"oracle_score needs a Gaussian or GaussianMixture, got {type(dist).__name__}")
+
+    def score(x: Tensor, t: TimeLike) -> Tensor:
+        tt = as_time(t, x)
+        if sde is None:
+            if (tt < 0).any():
+                raise ValueError("the noise level sigma = t must be >= 0")
+            _, s = dist._perturbed_log_prob_score(x, tt)
+        else:
+            _, s = dist._marginal_log_prob_score(x, sde, tt)
+        return s.to(x.dtype)
+
+    score.__doc__ = f"exact score of {dist!r}" + ("" if sde is None else f" under {sde!r}")
+    return score
