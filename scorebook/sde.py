@@ -131,9 +131,10 @@ class SDE(ABC):
         return self.drift(x, tt) - 0.5 * g2 * evaluate_score(score, x, tt)
 
     def discretize(self, x: Tensor, t: TimeLike, dt: float) -> tuple[Tensor, Tensor]:
-        """One forward step of size ``dt``: returns ``(f dt, G)`` with ``x' = x + f dt + G z``.
+        """The forward transition from ``t - dt`` to ``t``: returns ``(f dt, G)`` with ``x_t = x + f dt + G z``.
 
-        The default is the Euler--Maruyama discretisation, ``G = g(t) sqrt(dt)``.
+        The default is the Euler--Maruyama discretisation, ``G = g(t) sqrt(dt)``. The
+        reverse-diffusion predictor inverts this step (Song et al. 2021, eq. 46).
         """
         tt = self._t(t, x)
         return self.drift(x, tt) * dt, self._diffusion(tt) * math.sqrt(dt)
@@ -179,10 +180,10 @@ class VESDE(SDE):
         return math.sqrt(self.sigma_max ** 2 - self.sigma_min ** 2)
 
     def discretize(self, x: Tensor, t: TimeLike, dt: float) -> tuple[Tensor, Tensor]:
-        """Exact VE step: ``G = sqrt(sigma(t+dt)^2 - sigma(t)^2)`` (the SMLD chain)."""
+        """Exact VE transition from ``t - dt`` to ``t``: ``G = sqrt(sigma(t)^2 - sigma(t-dt)^2)`` (the SMLD chain)."""
         tt = self._t(t, x)
-        t_next = torch.clamp(tt + dt, max=self.T)
-        g = torch.sqrt(torch.clamp(self.sigma(t_next) ** 2 - self.sigma(tt) ** 2, min=0.0))
+        t_prev = torch.clamp(tt - dt, min=0.0)
+        g = torch.sqrt(torch.clamp(self.sigma(tt) ** 2 - self.sigma(t_prev) ** 2, min=0.0))
         return torch.zeros_like(x), g
 
 

@@ -1,0 +1,149 @@
+"""Figures shared across the book: one colour map, densities, score fields, samples, image grids.
+
+Every function draws into a matplotlib ``Axes`` the caller owns, so chapters compose them
+freely. Densities are drawn with :data:`CMAP`; score fields as arrows over the density.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CMAP",
+    "SAMPLE_COLOR",
+    "FIELD_COLOR",
+    "setup_style",
+    "grid_2d",
+    "plot_density",
+    "plot_score_field",
+    "plot_samples",
+    "image_grid",
+    "show_images",
+]
+
+CMAP = "viridis"          #: the one colour map used for every density in the book
+SAMPLE_COLOR = "#d62728"  #: samples drawn on top of a density
+FIELD_COLOR = "white"     #: score arrows drawn on top of a density
+
+Lim = tuple[float, float] | tuple[tuple[float, float], tuple[float, float]] | float
+
+
+def setup_style() -> None:
+    """Readable defaults for a laptop screen (call once per chapter)."""
+    plt.rcParams.update({
+        "figure.dpi": 100,
+        "savefig.dpi": 110,
+        "font.size": 11,
+        "axes.titlesize": 12,
+        "axes.labelsize": 11,
+        "legend.fontsize": 10,
+        "image.cmap": CMAP,
+        "axes.grid": False,
+    })
+
+
+def _lims(lim: Lim) -> tuple[tuple[float, float], tuple[float, float]]:
+    if isinstance(lim, (int, float)):
+        return (-float(lim), float(lim)), (-float(lim), float(lim))
+    if isinstance(lim[0], (int, float)):
+        return (float(lim[0]), float(lim[1])), (float(lim[0]), float(lim[1]))
+    return (float(lim[0][0]), float(lim[0][1])), (float(lim[1][0]), float(lim[1][1]))
+
+
+def grid_2d(lim: Lim, n: int = 100) -> tuple[np.ndarray, np.ndarray, Tensor]:
+    """A regular ``n x n`` grid: returns ``X, Y`` (n, n) arrays and the points (n*n, 2) as float64 tensor."""
+    (x0, x1), (y0, y1) = _lims(lim)
+    xs, ys = np.linspace(x0, x1, n), np.linspace(y0, y1, n)
+    X, Y = np.meshgrid(xs, ys)
+    pts = torch.from_numpy(np.stack([X.ravel(), Y.ravel()], axis=1))
+    return X, Y, pts
+
+
+def plot_density(ax, log_prob: Callable[[Tensor], Tensor], lim: Lim = 3.0, n: int = 150,
+                 log_scale: bool = False, levels: int = 30, colorbar: bool = False):
+    """Filled contours of ``exp(log_prob)`` (or of ``log_prob`` with ``log_scale``) on a 2-D grid.
+
+    ``log_prob`` maps (N, 2) float64 points to (N,) log-densities.
+    """
+    X, Y, pts = grid_2d(lim, n)
+    with torch.no_grad():
+        lp = log_prob(pts).detach().cpu().double().numpy().reshape(X.shape)
+    Z = lp if log_scale else np.exp(lp)
+    cs = ax.contourf(X, Y, Z, levels=levels, cmap=CMAP)
+    if colorbar:
+        plt.colorbar(cs, ax=ax, label="log density" if log_scale else "density")
+    ax.set_xlabel("$x_1$")
+    ax.set_ylabel("$x_2$")
+    ax.set_aspect("equal")
+    return cs
+
+
+def plot_score_field(ax, score: Callable[[Tensor, object], Tensor], lim: Lim = 3.0, n: int = 20,
+                     t: float = 0.0, normalize: bool = True, color: str = FIELD_COLOR, scale: float | None = None):
+    """Arrows of the score ``score(x, t)`` on an ``n x n`` grid.
+
+    With ``normalize`` every arrow has the same length (direction only), and the arrow
+    colour is left fixed; long arrows far from the data otherwise swamp the picture.
+    """
+    X, Y, pts = grid_2d(lim, n)
+    with torch.no_grad():
+        s = score(pts, t).detach().cpu().double().numpy()
+    if normalize:
+        s = s / (np.linalg.norm(s, axis=1, keepdims=True) + 1e-12)
+    q = ax.quiver(X, Y, s[:, 0].reshape(X.shape), s[:, 1].reshape(X.shape), color=color,
+                  angles="xy", scale=scale, width=0.004)
+    ax.set_xlabel("$x_1$")
+    ax.set_ylabel("$x_2$")
+    ax.set_aspect("equal")
+    return q
+
+
+def plot_samples(ax, x: Tensor | np.ndarray, lim: Lim | None = None, color: str = SAMPLE_COLOR,
+                 s: float = 3.0, alpha: float = 0.5, label: str | None = None):
+    """Scatter 2-D samples ``x`` (N, 2)."""
+    xx = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+    if xx.ndim != 2 or xx.shape[1] != 2:
+        raise ValueError(f"plot_samples needs points of shape (N, 2), got {xx.shape}")
+    ax.scatter(xx[:, 0], xx[:, 1], s=s, alpha=alpha, color=color, label=label, linewidths=0)
+    if lim is not None:
+        (x0, x1), (y0, y1) = _lims(lim)
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
+    ax.set_xlabel("$x_1$")
+    ax.set_ylabel("$x_2$")
+    ax.set_aspect("equal")
+
+
+def image_grid(x: Tensor | np.ndarray, nrow: int | None = None, value_range: Sequence[float] = (0.0, 1.0),
+               pad: int = 1) -> np.ndarray:
+    """Tile images ``x`` (N, C, H, W) or (N, H, W) into one array (rows*H', cols*W'[, C]) in [0, 1]."""
+    xx = x.detach().cpu().float().numpy() if isinstance(x, Tensor) else np.asarray(x, dtype=np.float32)
+    if xx.ndim == 3:
+        xx = xx[:, None]
+    if xx.ndim != 4:
+        raise ValueError(f"image_grid needs images shaped (N, C, H, W) or (N, H, W), got {xx.shape}")
+    lo, hi = value_range
+    xx = np.clip((xx - lo) / (hi - lo), 0.0, 1.0)
+    n, c, h, w = xx.shape
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    ncol = int(np.ceil(n / nrow))
+    out = np.ones((c, nrow * (h + pad) + pad, ncol * (w + pad) + pad), dtype=np.float32)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        out[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = xx[i]
+    return out[0] if c == 1 else out.transpose(1, 2, 0)
+
+
+def show_images(ax, x: Tensor | np.ndarray, nrow: int | None = None, value_range: Sequence[float] = (0.0, 1.0),
+                title: str | None = None) -> None:
+    """Draw an image grid into ``ax`` (grey scale for one channel), without axis ticks."""
+    grid = image_grid(x, nrow, value_range)
+    ax.imshow(grid, cmap="gray_r" if grid.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title)
