@@ -1,8 +1,9 @@
 """Run every chapter of the book through nbval.
 
-Chapters are jupytext MyST markdown files (``book/NN_slug.md``). We convert each to a
-notebook on the fly under ``_build/nbval/`` (never committed) and hand it to nbval, so a
-cell that raises fails the test run exactly as it fails the book build.
+Chapters are jupytext MyST markdown files (``book/NN_slug.md``); no ``.ipynb`` is committed.
+nbval reads notebooks with ``nbformat.read``; we hand it a reader that converts a chapter with
+jupytext in memory, so ``pytest book/06_score_matching.md`` runs that chapter, its kernel starts
+in ``book/``, and a cell that raises fails the test run exactly as it fails the book build.
 """
 from __future__ import annotations
 
@@ -10,24 +11,36 @@ from pathlib import Path
 
 import jupytext
 import nbformat
+import nbval.plugin
 from nbval.plugin import IPyNbFile
 
-ROOT = Path(__file__).resolve().parent
-OUT = ROOT / "_build" / "nbval"
+BOOK = Path(__file__).resolve().parent / "book"
+
+
+class _ChapterReader:
+    """``nbformat`` as nbval sees it, except that ``read`` converts MyST chapters with jupytext."""
+
+    def __getattr__(self, name: str):
+        return getattr(nbformat, name)
+
+    @staticmethod
+    def read(fp, as_version: int = 4, **kwargs):
+        if str(fp).endswith(".md"):
+            return jupytext.read(fp, as_version=as_version)
+        return nbformat.read(fp, as_version=as_version, **kwargs)
+
+
+nbval.plugin.nbformat = _ChapterReader()
 
 
 def _is_chapter(path: Path) -> bool:
-    if path.suffix != ".md" or path.parent != ROOT / "book":
+    if path.suffix != ".md" or path.parent != BOOK:
         return False
     head = path.read_text(encoding="utf-8")[:600]
     return head.startswith("---") and "format_name: myst" in head and "kernelspec" in head
 
 
 def pytest_collect_file(file_path: Path, parent):
-    if not _is_chapter(file_path):
-        return None
-    OUT.mkdir(parents=True, exist_ok=True)
-    nb = jupytext.read(file_path)
-    target = OUT / (file_path.stem + ".ipynb")
-    nbformat.write(nb, target)
-    return IPyNbFile.from_parent(parent, path=target)
+    if _is_chapter(file_path):
+        return IPyNbFile.from_parent(parent, path=file_path)
+    return None

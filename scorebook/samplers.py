@@ -146,7 +146,9 @@ def predictor_corrector(sde: SDE, score: ScoreFn, x_T: Tensor, n_steps: int, snr
     for i in _steps(n_steps, progress, "predictor-corrector"):
         t, dt = ts[i], float(ts[i] - ts[i + 1])                             # dt > 0
         # corrector: Langevin MCMC at the current noise level
-        alpha = 1.0 - float(sde.beta(t)) * dt if isinstance(sde, VPSDE) else 1.0
+        # alpha_i = 1 - beta_i of the DDPM chain, taken exactly as a(t)^2 / a(t - dt)^2 = exp(-int beta),
+        # which stays in (0, 1] on any grid (the first-order 1 - beta(t) dt goes negative on coarse grids)
+        alpha = float((sde.mean_coef(t) / sde.mean_coef(t - dt)) ** 2) if isinstance(sde, VPSDE) else 1.0
         for _ in range(n_corrector):
             s = evaluate_score(score, x, t)
             z = _noise(x, generator)
