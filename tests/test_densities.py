@@ -1,0 +1,325 @@
+"""Exact densities: closed-form scores, noise-perturbed and SDE-marginal mixtures, the oracle score.
+
+References: autograd of ``log_prob`` for the score, scipy for log-densities and entropy,
+Monte Carlo (noise added to samples; the forward SDE simulated by small Euler-Maruyama
+steps) for ``perturb`` and ``marginal``, compared with scipy's Kolmogorov-Smirnov test on
+1-D projections (a projected Gaussian mixture is a 1-D Gaussian mixture with a known CDF).
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from scipy.special import logsumexp
+
+from scorebook.densities import (TOY_NAMES, Gaussian, GaussianMixture, make_toy, oracle_score,
+                                 song_ermon_mixture)
+from scorebook.sde import VESDE, VPSDE, SubVPSDE
+
+F64 = torch.float64
+
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These checks run many small-tensor steps; on a shared 2-core machine torch's intra-op
+    threads spin against other processes and slow them 10-20x, so run them single-threaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+def random_mixture(d, k, g, form="full"):
+    """A random K-component mixture in D dims; covariances A A^T + 0.3 I (well conditioned)."""
+    means = 3.0 * torch.randn(k, d, generator=g, dtype=F64)
+    w = torch.rand(k, generator=g, dtype=F64) + 0.2
+    w = w / w.sum()
+    if form == "full":
+        a = torch.randn(k, d, d, generator=g, dtype=F64)
+        covs = a @ a.transpose(-1, -2) + 0.3 * torch.eye(d, dtype=F64)
+    elif form == "diag":
+        covs = 0.5 + torch.rand(k, d, generator=g, dtype=F64)           # diagonal stds
+    else:
+        covs = 0.5 + torch.rand(k, generator=g, dtype=F64)              # isotropic stds
+    return GaussianMixture(means, covs, w)
+
+
+def scipy_log_prob(gm, x):
+    """Reference log-density from scipy.stats.multivariate_normal."""
+    x = x.numpy()
+    comps = [math.log(float(w)) + stats.multivariate_normal(m.numpy(), c.numpy()).logpdf(x).reshape(-1)
+             for w, m, c in zip(gm.weights, gm.means, gm.covs)]
+    return logsumexp(np.stack(comps, 0), axis=0)
+
+
+def mixture_mean_cov(gm):
+    w = gm.weights
+    mean = (w[:, None] * gm.means).sum(0)
+    second = (w[:, None, None] * (gm.covs + gm.means[:, :, None] * gm.means[:, None, :])).sum(0)
+    return mean, second - mean[:, None] * mean[None, :]
+
+
+def projected_cdf(gm, v):
+    """CDF of v^T X for X ~ gm: a 1-D mixture with means v^T mu_k and variances v^T Sigma_k v."""
+    m = (gm.means @ v).numpy()
+    s = torch.sqrt(torch.einsum("d,kde,e->k", v, gm.covs, v)).numpy()
+    w = gm.weights.numpy()
+    return lambda y: (w[None] * stats.norm.cdf((np.asarray(y)[:, None] - m[None]) / s[None])).sum(1)
+
+
+def ks_pvalues(samples, gm, n_dirs, g):
+    """KS p-values of the samples' projections on random unit directions against the mixture."""
+    out = []
+    for _ in range(n_dirs):
+        v = torch.randn(gm.dim, generator=g, dtype=F64)
+        v = v / v.norm()
+        out.append(stats.kstest((samples @ v).numpy(), projected_cdf(gm, v)).pvalue)
+    return np.array(out)
+
+
+# ----- score = grad log p --------------------------------------------------------------------
+@pytest.mark.parametrize("d", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("form", ["full", "diag", "iso"])
+def test_closed_form_score_equals_autograd_of_log_prob(d, form):
+    g = torch.Generator().manual_seed(100 * d + len(form))
+    for k in (1, 3):
+        gm = random_mixture(d, k, g, form)
+        # points from the mixture and points far out in the tails
+        x = torch.cat([gm.sample(64, generator=g), 8.0 * torch.randn(16, d, generator=g, dtype=F64)])
+        x.requires_grad_(True)
+        (auto,) = torch.autograd.grad(gm.log_prob(x).sum(), x)
+        closed = gm.score(x.detach())
+        torch.testing.assert_close(closed, auto, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("d", [1, 3, 5])
+def test_log_prob_matches_scipy(d):
+    g = torch.Generator().manual_seed(d)
+    gm = random_mixture(d, 3, g)
+    x = torch.cat([gm.sample(50, generator=g), 5.0 * torch.randn(10, d, generator=g, dtype=F64)])
+    np.testing.assert_allclose(gm.log_prob(x).numpy(), scipy_log_prob(gm, x), rtol=1e-10, atol=1e-10)
+
+
+def test_covariance_forms_scalar_isotropic_diagonal_full_agree():
+    means = torch.tensor([[0.0, 1.0], [2.0, -1.0]], dtype=F64)
+    full = torch.stack([torch.diag(torch.tensor([0.25, 0.25])), torch.diag(torch.tensor([0.25, 0.25]))]).double()
+    ref = GaussianMixture(means, full, [0.3, 0.7])
+    for covs in (0.5, [0.5, 0.5], [[0.5, 0.5], [0.5, 0.5]]):
+        torch.testing.assert_close(GaussianMixture(means, covs, [0.3, 0.7]).covs, ref.covs)
+    gd = Gaussian([1.0, 2.0], [0.5, 2.0])            # diagonal stds
+    torch.testing.assert_close(gd.cov, torch.diag(torch.tensor([0.25, 4.0], dtype=F64)))
+    gi = Gaussian([1.0, 2.0], 3.0)                   # isotropic std
+    torch.testing.assert_close(gi.cov, 9.0 * torch.eye(2, dtype=F64))
+    assert gi.mean.tolist() == [1.0, 2.0] and gi.dim == 2
+
+
+def test_gaussian_entropy_matches_scipy():
+    cov = torch.tensor([[2.0, 0.6, 0.0], [0.6, 1.0, 0.3], [0.0, 0.3, 0.5]], dtype=F64)
+    gauss = Gaussian(torch.zeros(3), cov)
+    assert abs(gauss.entropy() - stats.multivariate_normal(np.zeros(3), cov.numpy()).entropy()) < 1e-12
+
+
+def test_sample_moments_match_the_mixture():
+    g = torch.Generator().manual_seed(7)
+    gm = random_mixture(3, 3, g)
+    n = 40_000
+    x = gm.sample(n, generator=g)
+    assert x.shape == (n, 3) and x.dtype == F64
+    mean, cov = mixture_mean_cov(gm)
+    # standard error of a sample mean: sqrt(var / n); allow 4 standard errors per coordinate
+    se = torch.sqrt(torch.diagonal(cov) / n)
+    assert ((x.mean(0) - mean).abs() < 4 * se).all()
+    assert (ks_pvalues(x, gm, 4, g) > 1e-3).all()
+
+
+def test_responsibilities_are_the_posterior_over_components():
+    g = torch.Generator().manual_seed(3)
+    gm = random_mixture(2, 3, g)
+    x = gm.sample(20, generator=g)
+    r = gm.responsibilities(x)
+    comp = np.stack([math.log(float(w)) + stats.multivariate_normal(m.numpy(), c.numpy()).logpdf(x.numpy())
+                     for w, m, c in zip(gm.weights, gm.means, gm.covs)], 1)
+    ref = np.exp(comp - logsumexp(comp, axis=1, keepdims=True))
+    np.testing.assert_allclose(r.numpy(), ref, rtol=1e-9, atol=1e-12)
+
+
+# ----- perturb(sigma) and marginal(sde, t) against Monte Carlo ----------------------------------
+@pytest.mark.parametrize("sigma", [0.7, 2.0])
+def test_perturb_matches_samples_with_noise_added(sigma):
+    g = torch.Generator().manual_seed(11)
+    gm = random_mixture(2, 3, g)
+    n = 20_000
+    noisy = gm.sample(n, generator=g) + sigma * torch.randn(n, 2, generator=g, dtype=F64)
+    target = gm.perturb(sigma)
+    # a KS test at n=20000 detects a CDF gap of ~0.012; p > 1e-3 on every direction
+    assert (ks_pvalues(noisy, target, 4, torch.Generator().manual_seed(1)) > 1e-3).all()
+    # negative control: the same test rejects the mixture perturbed with twice the noise level
+    wrong = gm.perturb(2.0 * sigma)
+    assert ks_pvalues(noisy, wrong, 4, torch.Generator().manual_seed(1)).min() < 1e-6
+    mean, cov = mixture_mean_cov(target)
+    assert ((noisy.mean(0) - mean).abs() < 4 * torch.sqrt(torch.diagonal(cov) / n)).all()
+
+
+def forward_euler_maruyama(sde, x0, t_end, n_steps, g):
+    """Simulate dx = f dt + g dw from t=0 to t_end with n_steps small Euler-Maruyama steps.
+
+    All three SDEs have a drift linear in x, so f(x, t) = f(1, t) * x: the drift is read
+    once per step from ``sde.drift`` at the unit vector (cheap), then applied to the batch.
+    """
+    x, dt = x0.clone(), t_end / n_steps
+    unit = torch.ones(1, x.shape[1], dtype=F64)
+    for i in range(n_steps):
+        t = i * dt
+        f_coef = sde.drift(unit, t)                                      # (1, D)
+        x = x + f_coef * x * dt + sde.diffusion(t) * math.sqrt(dt) * torch.randn(x.shape, generator=g, dtype=F64)
+    return x
+
+
+@pytest.mark.parametrize("sde,t_end", [(VESDE(0.05, 5.0), 0.6), (VPSDE(), 0.3), (SubVPSDE(), 0.3), (VPSDE(), 1.0)])
+def test_marginal_matches_forward_sde_simulation(sde, t_end):
+    g = torch.Generator().manual_seed(21)
+    gm = random_mixture(2, 3, g)
+    n = 10_000
+    # Euler-Maruyama with dt = 1/1000: its variance bias is O(beta dt / 4) <= 0.5 % for VP, far
+    # below what the KS test can see at n = 10000 (CDF gap ~ 0.017)
+    xt = forward_euler_maruyama(sde, gm.sample(n, generator=g), t_end, int(1000 * t_end), g)
+    target = gm.marginal(sde, t_end)
+    assert (ks_pvalues(xt, target, 4, torch.Generator().manual_seed(2)) > 1e-3).all()
+    mean, cov = mixture_mean_cov(target)
+    assert ((xt.mean(0) - mean).abs() < 4 * torch.sqrt(torch.diagonal(cov) / n)).all()
+    # negative control: the un-noised data mixture is rejected
+    if t_end < 1.0:
+        assert ks_pvalues(xt, gm, 4, torch.Generator().manual_seed(2)).min() < 1e-6
+
+
+def test_marginal_closed_form_parameters():
+    gm = random_mixture(3, 2, torch.Generator().manual_seed(5))
+    for sde in (VESDE(), VPSDE(), SubVPSDE()):
+        t = 0.37
+        a, s = float(sde.mean_coef(t)), float(sde.marginal_std(t))
+        m = gm.marginal(sde, t)
+        torch.testing.assert_close(m.means, a * gm.means)
+        torch.testing.assert_close(m.covs, a * a * gm.covs + s * s * torch.eye(3, dtype=F64))
+        torch.testing.assert_close(m.weights, gm.weights)
+    # under VE (a = 1) the marginal is the data perturbed by the kernel std
+    ve = VESDE()
+    torch.testing.assert_close(gm.marginal(ve, 0.5).covs, gm.perturb(float(ve.marginal_std(0.5))).covs)
+
+
+# ----- the oracle --------------------------------------------------------------------------
+def test_oracle_without_sde_is_the_perturbed_score_per_sample():
+    g = torch.Generator().manual_seed(8)
+    gm = random_mixture(2, 3, g)
+    x = gm.sample(6, generator=g)
+    sig = torch.tensor([0.0, 0.1, 0.5, 1.0, 3.0, 10.0], dtype=F64)
+    out = oracle_score(gm)(x, sig)
+    for i in range(6):
+        torch.testing.assert_close(out[i], gm.perturb(float(sig[i])).score(x[i:i + 1])[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(oracle_score(gm)(x, 0.0), gm.score(x))
+
+
+@pytest.mark.parametrize("sde", [VESDE(), VPSDE(), SubVPSDE()])
+def test_oracle_with_sde_is_the_marginal_score_per_sample(sde):
+    g = torch.Generator().manual_seed(9)
+    gm = random_mixture(2, 2, g)
+    x = gm.sample(5, generator=g)
+    t = torch.tensor([1e-3, 0.1, 0.4, 0.8, 1.0], dtype=F64)
+    out = oracle_score(gm, sde)(x, t)
+    for i in range(5):
+        torch.testing.assert_close(out[i], gm.marginal(sde, float(t[i])).score(x[i:i + 1])[0],
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_oracle_score_equals_autograd_of_the_marginal_log_density():
+    gm = random_mixture(3, 2, torch.Generator().manual_seed(4))
+    sde = VPSDE()
+    x = torch.randn(10, 3, dtype=F64, requires_grad=True)
+    (auto,) = torch.autograd.grad(gm.marginal(sde, 0.2).log_prob(x).sum(), x)
+    torch.testing.assert_close(oracle_score(gm, sde)(x.detach(), 0.2), auto, rtol=1e-8, atol=1e-8)
+
+
+def test_float32_in_float32_out():
+    gm = song_ermon_mixture()
+    x = torch.randn(8, 2, dtype=torch.float32)
+    for out in (gm.log_prob(x), gm.score(x), gm.responsibilities(x), oracle_score(gm)(x, 1.0),
+                oracle_score(gm, VPSDE())(x, 0.5)):
+        assert out.dtype == torch.float32 and out.device == x.device
+    torch.testing.assert_close(gm.score(x), gm.score(x.double()).float())
+
+
+def test_song_ermon_mixture_parameters():
+    gm = song_ermon_mixture()
+    torch.testing.assert_close(gm.weights, torch.tensor([0.2, 0.8], dtype=F64))
+    torch.testing.assert_close(gm.means, torch.tensor([[-5.0, -5.0], [5.0, 5.0]], dtype=F64))
+    torch.testing.assert_close(gm.covs, torch.eye(2, dtype=F64).expand(2, 2, 2))
+
+
+@pytest.mark.parametrize("name", ["swiss_roll", "moons", "circles", "8gaussians", "checkerboard", "pinwheel"])
+def test_make_toy_shapes_and_reproducibility(name):
+    assert name in TOY_NAMES
+    a = make_toy(name, 500, generator=torch.Generator().manual_seed(0))
+    b = make_toy(name, 500, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (500, 2) and a.dtype == F64 and torch.isfinite(a).all()
+    assert torch.equal(a, b)
+    assert 0.2 < float(a.std()) < 5.0  # a spread-out 2-D cloud, neither collapsed nor exploded
+
+
+def test_make_toy_circles_have_radii_one_and_two():
+    x = make_toy("circles", 4000, generator=torch.Generator().manual_seed(1))
+    r = x.norm(dim=1)
+    # half the points on each circle (radii 1 and 2), noise std 0.08
+    assert abs(float((r > 1.5).double().mean()) - 0.5) < 0.01
+    assert abs(float(r[r > 1.5].mean()) - 2.0) < 0.02 and abs(float(r[r < 1.5].mean()) - 1.0) < 0.02
+
+
+# ----- bad input ---------------------------------------------------------------------------
+def test_bad_weights_raise():
+    with pytest.raises(ValueError, match="weights must be non-negative"):
+        GaussianMixture([[0.0], [1.0]], 1.0, [1.5, -0.5])
+    with pytest.raises(ValueError, match="weights must sum to 1"):
+        GaussianMixture([[0.0], [1.0]], 1.0, [0.5, 0.6])
+    with pytest.raises(ValueError, match="weights must have shape"):
+        GaussianMixture([[0.0], [1.0]], 1.0, [1.0])
+
+
+def test_non_positive_definite_covariance_raises():
+    with pytest.raises(ValueError, match="not positive definite"):
+        Gaussian([0.0, 0.0], [[1.0, 2.0], [2.0, 1.0]])
+    with pytest.raises(ValueError, match="symmetric"):
+        Gaussian([0.0, 0.0], [[1.0, 0.5], [0.0, 1.0]])
+    with pytest.raises(ValueError, match="std"):
+        GaussianMixture([[0.0], [1.0]], [1.0, 0.0])
+    with pytest.raises(ValueError, match="std"):
+        Gaussian([0.0], -1.0)
+
+
+def test_bad_sigma_t_and_x_raise():
+    gm = song_ermon_mixture()
+    with pytest.raises(ValueError, match="sigma"):
+        gm.perturb(-0.1)
+    with pytest.raises(ValueError, match="sigma"):
+        gm.perturb(float("nan"))
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1"):
+        gm.marginal(VPSDE(), 1.5)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1"):
+        oracle_score(gm, VESDE())(torch.zeros(3, 2), -0.1)
+    with pytest.raises(ValueError, match="sigma"):
+        oracle_score(gm)(torch.zeros(3, 2), -1.0)
+    with pytest.raises(ValueError, match=r"x must have shape \(B, 2\)"):
+        gm.score(torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="unknown toy"):
+        make_toy("spiral_galaxy", 10)
+
+
+def test_densities_follow_the_device_of_their_input():
+    from scorebook.contract import default_device
+    dev = default_device()
+    gm = song_ermon_mixture().to(dev)
+    assert gm.device.type == dev.type
+    x = torch.randn(16, 2, device=dev)
+    for out in (gm.log_prob(x), gm.score(x), oracle_score(gm)(x, 0.5), oracle_score(gm, VESDE())(x, 0.5)):
+        assert out.device.type == dev.type and out.dtype == torch.float32
+    s = gm.sample(8, generator=torch.Generator(device=dev).manual_seed(0))
+    assert s.device.type == dev.type and s.dtype == F64
+    torch.testing.assert_close(gm.score(x).cpu(), song_ermon_mixture().score(x.cpu()))

@@ -1,0 +1,97 @@
+"""Sample-quality and score-error metrics against closed forms."""
+import math
+
+import pytest
+import torch
+
+from scorebook.densities import Gaussian, oracle_score, song_ermon_mixture
+from scorebook.metrics import fisher_divergence, mmd, mode_fractions, sliced_wasserstein
+
+F64 = torch.float64
+MIX = song_ermon_mixture()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These checks run many small-tensor steps; on a shared 2-core machine torch's intra-op
+    threads spin against other processes and slow them 10-20x, so run them single-threaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_mmd_is_zero_for_the_same_distribution_and_positive_for_a_shift():
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    draw = lambda shift=0.0: torch.randn(n, 2, generator=g, dtype=F64) + torch.tensor([shift, 0.0], dtype=F64)
+    # the spread of the unbiased MMD^2 under the null, from 20 independent pairs of samples
+    null = torch.stack([mmd(draw(), draw()) for _ in range(20)])
+    null_sd = float(null.std())
+    assert abs(float(null.mean())) < 4 * null_sd / math.sqrt(20)   # unbiased: zero mean under the null
+    same = float(mmd(draw(), draw()))
+    shifted = float(mmd(draw(), draw(1.0)))
+    assert abs(same) < 4 * null_sd
+    assert shifted > 10 * null_sd and shifted > 0
+    # a larger shift gives a larger discrepancy
+    assert float(mmd(draw(), draw(2.0))) > shifted
+
+
+def test_sliced_wasserstein_of_shifted_samples_is_the_1d_shift():
+    """In 1-D every unit direction is +-1, so SW1 between x and x + delta is exactly |delta|."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3000, 1, generator=g, dtype=F64)
+    for delta in (0.5, -2.0):
+        torch.testing.assert_close(sliced_wasserstein(x, x + delta, generator=g), torch.tensor(abs(delta), dtype=F64))
+    # independent samples of N(0,1) and N(mu, 1): W1 = |mu|, up to the O(1/sqrt(n)) empirical error (~0.02)
+    y = torch.randn(4000, 1, generator=g, dtype=F64) + 1.5
+    assert abs(float(sliced_wasserstein(x, y, generator=g)) - 1.5) < 0.08   # unequal sizes: quantile path
+    assert float(sliced_wasserstein(x, torch.randn(3000, 1, generator=g, dtype=F64), generator=g)) < 0.08
+
+
+@pytest.mark.parametrize("d,mean_abs_cos", [(2, 2 / math.pi), (3, 0.5)])
+def test_sliced_wasserstein_averages_the_projected_shift_over_directions(d, mean_abs_cos):
+    """For y = x + delta, SW1 = E_theta |theta . delta| = |delta| E|theta_1|, with E|theta_1| = 2/pi in 2-D, 1/2 in 3-D."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(500, d, generator=g, dtype=F64)
+    delta = torch.zeros(d, dtype=F64)
+    delta[0] = 3.0
+    p = 4000
+    sw = float(sliced_wasserstein(x, x + delta, n_projections=p, generator=g))
+    # Monte Carlo over directions: SE = |delta| sd(|theta_1|) / sqrt(P), sd(|theta_1|) = sqrt(1/d - E|theta_1|^2)
+    se = 3.0 * math.sqrt(1 / d - mean_abs_cos ** 2) / math.sqrt(p)
+    assert abs(sw - 3.0 * mean_abs_cos) < 4 * se
+
+
+def test_mode_fractions_recover_the_mixture_weights():
+    n = 10_000
+    x = MIX.sample(n, generator=torch.Generator().manual_seed(3))
+    frac = mode_fractions(x, MIX)
+    assert frac.shape == (2,) and float(frac.sum()) == pytest.approx(1.0)
+    se = math.sqrt(0.2 * 0.8 / n)
+    assert abs(float(frac[1]) - 0.8) < 4 * se
+    pts = torch.tensor([[5.0, 5.0], [-5.0, -5.0], [4.0, 6.0]], dtype=F64)
+    torch.testing.assert_close(mode_fractions(pts, MIX), torch.tensor([1 / 3, 2 / 3], dtype=F64))
+
+
+def test_fisher_divergence_is_zero_for_the_exact_score_and_the_squared_offset_otherwise():
+    x = MIX.sample(500, generator=torch.Generator().manual_seed(4))
+    assert float(fisher_divergence(oracle_score(MIX), MIX, x)) == 0.0
+    c = torch.tensor([0.3, -0.4], dtype=F64)
+    offset = lambda y, t: MIX.score(y) + c
+    assert float(fisher_divergence(offset, MIX, x)) == pytest.approx(0.25, rel=1e-12)
+    # at noise level sigma the oracle is exact for the perturbed density, not for the clean one
+    assert float(fisher_divergence(oracle_score(MIX), MIX.perturb(2.0), x, t=2.0)) == pytest.approx(0.0, abs=1e-20)
+    assert float(fisher_divergence(oracle_score(MIX), MIX, x, t=2.0)) > 0.1
+
+
+def test_metrics_reject_bad_inputs():
+    x = torch.randn(10, 2)
+    with pytest.raises(ValueError, match="same D"):
+        mmd(x, torch.randn(10, 3))
+    with pytest.raises(ValueError, match="bandwidths must be positive"):
+        mmd(x, x, bandwidths=(1.0, 0.0))
+    with pytest.raises(ValueError, match="n_projections must be a positive integer"):
+        sliced_wasserstein(x, x, n_projections=0)
+    with pytest.raises(ValueError, match="shaped like x"):
+        fisher_divergence(lambda y, t: y[:, :1], Gaussian([0.0, 0.0], 1.0), x)

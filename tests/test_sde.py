@@ -1,0 +1,180 @@
+"""Forward SDEs: closed-form kernels, their consistency with (f, g), priors, reverse/ODE drifts.
+
+The perturbation kernel of ``dx = f(t) x dt + g(t) dw`` is ``N(a(t) x0, v(t) I)`` with
+``a' = f a, a(0) = 1`` and ``v' = 2 f v + g^2, v(0) = 0`` (Sarkka & Solin, eq. 5.51). We check
+a(t) and std(t)^2 against these ODEs by autograd, independently of the formulas in the code.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from scorebook.sde import VESDE, VPSDE, SubVPSDE, check_sigmas, geometric_sigmas
+
+F64 = torch.float64
+SDES = [VESDE(), VESDE(0.1, 10.0), VPSDE(), VPSDE(0.5, 5.0), SubVPSDE(), SubVPSDE(0.5, 5.0)]
+
+
+def drift_coef(sde, t):
+    """f(t) with f(x, t) = f(t) x, read from sde.drift at x = 1."""
+    return sde.drift(torch.ones(t.shape[0], 1, dtype=F64), t)[:, 0]
+
+
+@pytest.mark.parametrize("sde", SDES, ids=repr)
+def test_kernel_solves_the_moment_odes(sde):
+    t = torch.linspace(0.02, 1.0, 50, dtype=F64, requires_grad=True)
+    a = sde.mean_coef(t)
+    v = sde.marginal_std(t) ** 2
+    # VE has a(t) = 1, a constant with no graph: its derivative is zero
+    da = torch.autograd.grad(a.sum(), t)[0] if a.requires_grad else torch.zeros_like(t)
+    (dv,) = torch.autograd.grad(v.sum(), t)
+    t = t.detach()
+    f = drift_coef(sde, t)
+    g2 = sde.diffusion(t) ** 2
+    torch.testing.assert_close(da, f * a.detach(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(dv, 2 * f * v.detach() + g2, rtol=1e-9, atol=1e-12)
+    # initial conditions: the kernel starts at the data
+    assert float(sde.mean_coef(0.0)) == pytest.approx(1.0, abs=1e-15)
+    assert float(sde.marginal_std(0.0)) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_closed_forms_from_the_spec():
+    t = torch.tensor([0.0, 0.3, 0.75, 1.0], dtype=F64)
+    ve = VESDE(0.01, 50.0)
+    sig = 0.01 * (50.0 / 0.01) ** t
+    torch.testing.assert_close(ve.marginal_std(t), torch.sqrt(sig ** 2 - 0.01 ** 2))
+    torch.testing.assert_close(ve.diffusion(t), sig * math.sqrt(2 * math.log(50.0 / 0.01)))
+    torch.testing.assert_close(ve.mean_coef(t), torch.ones(4, dtype=F64))
+    vp = VPSDE(0.1, 20.0)
+    a = torch.exp(-0.25 * t ** 2 * (20.0 - 0.1) - 0.5 * t * 0.1)
+    torch.testing.assert_close(vp.mean_coef(t), a)
+    torch.testing.assert_close(vp.marginal_std(t), torch.sqrt(1 - a ** 2))
+    torch.testing.assert_close(vp.diffusion(t), torch.sqrt(0.1 + t * 19.9))
+    sub = SubVPSDE(0.1, 20.0)
+    torch.testing.assert_close(sub.mean_coef(t), a)
+    torch.testing.assert_close(sub.marginal_std(t), 1 - a ** 2)
+
+
+@pytest.mark.parametrize("sde", SDES, ids=repr)
+def test_marginal_and_perturb_follow_the_kernel(sde):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 3, generator=g, dtype=F64)
+    noise = torch.randn(6, 3, generator=g, dtype=F64)
+    t = torch.tensor([0.0, 0.1, 0.3, 0.5, 0.9, 1.0], dtype=F64)
+    mean, std = sde.marginal(x0, t)
+    torch.testing.assert_close(mean, sde.mean_coef(t)[:, None] * x0)
+    torch.testing.assert_close(std, sde.marginal_std(t))
+    torch.testing.assert_close(sde.perturb(x0, t, noise), mean + std[:, None] * noise)
+
+
+@pytest.mark.parametrize("sde", [VESDE(), VPSDE(), SubVPSDE()], ids=repr)
+def test_prior_matches_the_marginal_at_T_and_its_log_density(sde):
+    # the prior is N(0, prior_std^2 I); for VE prior_std^2 equals the kernel variance at T exactly,
+    # for VP/sub-VP the kernel at T is N(a(1) x0, std(1)^2) with a(1) ~ 7e-3, std(1) ~ 1
+    std_T = float(sde.marginal_std(1.0))
+    assert abs(sde.prior_std - std_T) < 1e-4
+    g = torch.Generator().manual_seed(1)
+    z = sde.prior_sample((50_000, 2), generator=g, dtype=F64)
+    assert z.shape == (50_000, 2) and z.dtype == F64
+    # sample std within 4 standard errors (SE of a std estimate = std / sqrt(2n))
+    assert abs(float(z.std()) - sde.prior_std) < 4 * sde.prior_std / math.sqrt(2 * z.numel())
+    zz = z[:10]
+    ref = stats.norm(0, sde.prior_std).logpdf(zz.numpy()).sum(1)
+    np.testing.assert_allclose(sde.prior_log_prob(zz).numpy(), ref, rtol=1e-12)
+    # prior_log_prob sums over every non-batch dimension (image-shaped input)
+    img = torch.randn(3, 2, 4, 4, dtype=F64)
+    ref_img = stats.norm(0, sde.prior_std).logpdf(img.numpy()).reshape(3, -1).sum(1)
+    np.testing.assert_allclose(sde.prior_log_prob(img).numpy(), ref_img, rtol=1e-12)
+
+
+@pytest.mark.parametrize("sde", [VESDE(), VPSDE(), SubVPSDE()], ids=repr)
+def test_reverse_and_probability_flow_drifts(sde):
+    x = torch.randn(5, 2, dtype=F64)
+    t = torch.full((5,), 0.4, dtype=F64)
+
+    def score(y, tt):
+        return -2.0 * y + 1.0
+
+    f = sde.drift(x, t)
+    g2 = sde.diffusion(t)[:, None] ** 2
+    torch.testing.assert_close(sde.reverse_drift(score, x, t), f - g2 * score(x, t))
+    torch.testing.assert_close(sde.ode_drift(score, x, t), f - 0.5 * g2 * score(x, t))
+    with pytest.raises(ValueError, match="shaped like x"):
+        sde.reverse_drift(lambda y, tt: y[:, :1], x, t)
+
+
+def test_discretize_ve_is_the_exact_smld_step_and_vp_is_euler_maruyama():
+    # discretize(x, t, dt) is the forward transition from t - dt to t
+    x = torch.randn(4, 2, dtype=F64)
+    ve = VESDE()
+    f_dt, G = ve.discretize(x, 0.5, 0.01)
+    sig = lambda t: 0.01 * (50.0 / 0.01) ** t
+    assert torch.equal(f_dt, torch.zeros_like(x))
+    torch.testing.assert_close(G, torch.full((4,), math.sqrt(sig(0.5) ** 2 - sig(0.49) ** 2), dtype=F64))
+    # summing the exact VE steps reproduces the kernel variance: sum_i G_i^2 = sigma(t)^2 - sigma_min^2
+    ts = torch.linspace(0.01, 0.7, 70, dtype=F64)
+    g2 = torch.stack([ve.discretize(x[:1], float(t), 0.01)[1] ** 2 for t in ts]).sum()
+    assert float(g2) == pytest.approx(float(ve.marginal_std(0.7)) ** 2, rel=1e-9)
+    vp = VPSDE()
+    f_dt, G = vp.discretize(x, 0.5, 0.01)
+    torch.testing.assert_close(f_dt, vp.drift(x, 0.5) * 0.01)
+    torch.testing.assert_close(G, vp.diffusion(torch.full((4,), 0.5, dtype=F64)) * 0.1)
+
+
+def test_dtype_follows_the_input():
+    x = torch.randn(3, 2, dtype=torch.float32)
+    for sde in (VESDE(), VPSDE(), SubVPSDE()):
+        mean, std = sde.marginal(x, 0.3)
+        assert sde.drift(x, 0.3).dtype == torch.float32 and mean.dtype == std.dtype == torch.float32
+        assert sde.perturb(x, 0.3, torch.randn_like(x)).dtype == torch.float32
+        assert sde.prior_sample((3, 2)).dtype == torch.float32
+        assert sde.ode_drift(lambda y, t: -y, x, 0.3).dtype == torch.float32
+
+
+def test_geometric_sigmas():
+    s = geometric_sigmas(20.0, 1.0, 10)
+    assert s.shape == (10,) and s.dtype == F64
+    assert float(s[0]) == pytest.approx(20.0, rel=1e-12) and float(s[-1]) == pytest.approx(1.0, rel=1e-12)
+    ratios = s[1:] / s[:-1]
+    torch.testing.assert_close(ratios, torch.full((9,), 20.0 ** (-1 / 9), dtype=F64))
+    torch.testing.assert_close(check_sigmas(s), s)
+
+
+# ----- bad input ---------------------------------------------------------------------------
+@pytest.mark.parametrize("sde", [VESDE(), VPSDE(), SubVPSDE()], ids=repr)
+@pytest.mark.parametrize("bad_t", [-0.01, 1.01, float("nan")])
+def test_time_outside_the_range_raises(sde, bad_t):
+    x = torch.zeros(2, 2)
+    for call in (lambda: sde.drift(x, bad_t), lambda: sde.diffusion(bad_t), lambda: sde.mean_coef(bad_t),
+                 lambda: sde.marginal_std(bad_t), lambda: sde.marginal(x, bad_t),
+                 lambda: sde.ode_drift(lambda y, t: y, x, bad_t)):
+        with pytest.raises(ValueError, match=r"t must lie in \[0, 1"):
+            call()
+
+
+def test_bad_sde_parameters_raise():
+    with pytest.raises(ValueError, match="sigma_min must be finite and > 0"):
+        VESDE(sigma_min=0.0)
+    with pytest.raises(ValueError, match="sigma_max must be finite and > 0"):
+        VESDE(sigma_max=-1.0)
+    with pytest.raises(ValueError, match="sigma_max must exceed sigma_min"):
+        VESDE(sigma_min=5.0, sigma_max=1.0)
+    with pytest.raises(ValueError, match="beta_min must be finite and > 0"):
+        VPSDE(beta_min=-0.1)
+    with pytest.raises(ValueError, match="beta_max must be >= beta_min"):
+        SubVPSDE(beta_min=2.0, beta_max=1.0)
+
+
+def test_bad_noise_schedules_raise():
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        check_sigmas(torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        check_sigmas(torch.tensor([3.0, 3.0, 1.0]))
+    with pytest.raises(ValueError, match="sigmas must be finite and > 0"):
+        check_sigmas(torch.tensor([3.0, 0.0]))
+    with pytest.raises(ValueError, match="sigma_min must be finite and > 0"):
+        geometric_sigmas(10.0, 0.0, 5)
+    with pytest.raises(ValueError, match="sigma_max must exceed sigma_min"):
+        geometric_sigmas(1.0, 10.0, 5)
