@@ -1,0 +1,7 @@
+"""``python -m scorebook train|sample|nll`` (see :mod:`scorebook.cli`)."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
