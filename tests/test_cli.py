@@ -10,13 +10,6 @@ from PIL import Image
 from scorebook.cli import PRESETS, main
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _fails(argv, capsys, *needles):
     with pytest.raises(SystemExit) as e:

@@ -21,15 +21,6 @@ F64 = torch.float64
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These checks run many small-tensor steps; on a shared 2-core machine torch's intra-op
-    threads spin against other processes and slow them 10-20x, so run them single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def random_mixture(d, k, g, form="full"):
     """A random K-component mixture in D dims; covariances A A^T + 0.3 I (well conditioned)."""
     means = 3.0 * torch.randn(k, d, generator=g, dtype=F64)

@@ -13,15 +13,6 @@ F64 = torch.float64
 MIX = song_ermon_mixture()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These checks run many small-tensor steps; on a shared 2-core machine torch's intra-op
-    threads spin against other processes and slow them 10-20x, so run them single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("sde", [VPSDE(), VESDE()], ids=repr)
 def test_oracle_likelihood_matches_the_analytic_log_density(sde):

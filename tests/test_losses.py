@@ -18,15 +18,6 @@ F64 = torch.float64
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These checks run many small-tensor steps; on a shared 2-core machine torch's intra-op
-    threads spin against other processes and slow them 10-20x, so run them single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def chunk_stats(values):
     """Mean and standard error of a list of i.i.d. chunk estimates."""
     v = torch.stack([torch.as_tensor(x, dtype=F64) for x in values])

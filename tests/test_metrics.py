@@ -11,15 +11,6 @@ F64 = torch.float64
 MIX = song_ermon_mixture()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These checks run many small-tensor steps; on a shared 2-core machine torch's intra-op
-    threads spin against other processes and slow them 10-20x, so run them single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_mmd_is_zero_for_the_same_distribution_and_positive_for_a_shift():
     g = torch.Generator().manual_seed(0)

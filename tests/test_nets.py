@@ -8,13 +8,6 @@ from scorebook.nets import ScoreMLP, ScoreUNet, count_parameters, sigma_scale
 from scorebook.sde import VESDE, VPSDE
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny nets: threads only add contention on a shared machine
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("embed", ["fourier", "sinusoidal"])
 def test_mlp_is_a_score_and_conditions_per_sample(embed):

@@ -17,13 +17,6 @@ from scorebook.train import (CheckpointError, TrainConfig, TrainingDivergedError
                              save_checkpoint, train)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _cfg(**kw):
     base = dict(steps=12, batch_size=8, lr=1e-3, warmup_steps=3, device="cpu", progress=False, seed=3)
