@@ -39,7 +39,7 @@ def main() -> None:
             walls.append(time.perf_counter() - t0)
             nfes.append(res.nfe)
             errs.append(float((res.nats - exact).abs().mean()))
-        label = "exact p_T" if exact_prior else "N(0,I) prior"
+        label = "exact p_T" if exact_prior else "default prior p_T = N(0, prior_std^2 I)"
         print(f"{args.sde} ({label}), n={args.n}: median wall {statistics.median(walls):.2f} s "
               f"(runs: {', '.join(f'{w:.2f}' for w in walls)}), NFE {statistics.median(nfes)}, "
               f"mean |log p_ode - log p| = {statistics.median(errs):.2e} nats, "
