@@ -23,11 +23,11 @@ import torch
 from torch import Tensor
 
 from .densities import make_toy
+from .likelihood import dequantize
 
 __all__ = [
     "DigitsSplit",
     "load_digits",
-    "uniform_dequantize",
     "ImageTransform",
     "TensorData",
     "toy_data",
@@ -46,28 +46,11 @@ def _check_range(value_range: tuple[float, float]) -> tuple[float, float]:
     return vr  # type: ignore[return-value]
 
 
-def uniform_dequantize(x_int: Tensor, n_levels: int, generator: torch.Generator | None = None) -> Tensor:
-    """``(x + u) / n_levels`` with ``u ~ U[0,1)``: integers in ``{0..n_levels-1}`` -> floats in ``[0, 1]``.
-
-    The noise is drawn on the generator's device (CPU by default) and the result is float32 on
-    ``x_int``'s device, shaped like ``x_int``.
-    """
-    if not isinstance(n_levels, int) or n_levels < 2:
-        raise ValueError(f"n_levels must be an integer >= 2, got {n_levels!r}")
-    xf = x_int.to(torch.float32)
-    if xf.numel() and (xf.min() < 0 or xf.max() > n_levels - 1 or (xf != xf.round()).any()):
-        raise ValueError(f"x_int must hold integers in [0, {n_levels - 1}], got values in "
-                         f"[{xf.min().item():g}, {xf.max().item():g}]")
-    gdev = generator.device if generator is not None else torch.device("cpu")
-    u = torch.rand(x_int.shape, generator=generator, device=gdev).to(x_int.device)
-    return (xf + u) / n_levels
-
-
 @dataclass(frozen=True)
 class ImageTransform:
     """Per-batch map from integer images to continuous training data.
 
-    ``dequantize=True`` adds uniform noise (see :func:`uniform_dequantize`); ``False`` maps the
+    ``dequantize=True`` adds uniform noise (:func:`scorebook.likelihood.dequantize`); ``False`` maps the
     grid point itself, ``x / (n_levels - 1)``, into ``[0, 1]``. Then ``value_range`` (``(0, 1)`` or
     ``(-1, 1)``) and an optional random horizontal flip (CIFAR-10).
     """
@@ -84,7 +67,7 @@ class ImageTransform:
 
     def __call__(self, x_int: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if self.dequantize:
-            y = uniform_dequantize(x_int, self.n_levels, generator)
+            y = dequantize(x_int, self.n_levels, generator).to(torch.float32)
         else:
             y = x_int.to(torch.float32) / (self.n_levels - 1)
         if self.value_range == (-1.0, 1.0):

@@ -148,6 +148,10 @@ def dequantize(x_int: Tensor, n_levels: int, generator: torch.Generator | None =
 
     A continuous density ``p`` on the result gives the discrete data a log-likelihood lower bound
     (Theis et al. 2016): ``log P(x) >= E_u[log p((x+u)/K)] - D log K`` with ``K = n_levels``.
+
+    The noise ``u`` is drawn on the generator's device when a generator is given (so a data
+    pipeline gives the same numbers whatever device the data sit on), else on ``x_int``'s device;
+    the result is on ``x_int``'s device, shaped like it, in the default float dtype for integer input.
     """
     if not isinstance(n_levels, int) or n_levels < 2:
         raise ValueError(f"n_levels must be an integer >= 2, got {n_levels!r}")
@@ -158,7 +162,8 @@ def dequantize(x_int: Tensor, n_levels: int, generator: torch.Generator | None =
         raise ValueError(f"data must lie in {{0, ..., {n_levels - 1}}}, got range "
                          f"[{float(xi.min())}, {float(xi.max())}]")
     xf = xi.to(torch.get_default_dtype()) if not xi.is_floating_point() else xi
-    u = torch.rand(xf.shape, generator=generator, device=xf.device, dtype=xf.dtype)
+    noise_device = generator.device if generator is not None else xf.device
+    u = torch.rand(xf.shape, generator=generator, device=noise_device, dtype=xf.dtype).to(xf.device)
     return (xf + u) / n_levels
 
 
