@@ -23,6 +23,8 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
+from .energy import trapezoid_log_weights
+
 __all__ = [
     "LogDensityFn",
     "Proposal",
@@ -126,18 +128,14 @@ def grid_log_partition(f: LogDensityFn, dim: int, lim: float | tuple[float, floa
     lo, hi = box_limits(lim)
     if rule == "trapezoid":
         n = _check_int("n_per_axis", n_per_axis, 2)
-        nodes = torch.linspace(lo, hi, n, dtype=_F64, device=device)          # (n,)
-        h = (hi - lo) / (n - 1)
-        w = torch.full((n,), h, dtype=_F64, device=device)
-        w[0] = w[-1] = h / 2
+        nodes, log_w = trapezoid_log_weights(lo, hi, n, device=device)            # (n,), (n,)
     elif rule == "midpoint":
         n = _check_int("n_per_axis", n_per_axis, 1)
         h = (hi - lo) / n
         nodes = lo + h * (torch.arange(n, dtype=_F64, device=device) + 0.5)   # (n,)
-        w = torch.full((n,), h, dtype=_F64, device=device)
+        log_w = torch.full((n,), math.log(h), dtype=_F64, device=device)      # (n,)
     else:
         raise ValueError(f"rule must be 'trapezoid' or 'midpoint', got {rule!r}")
-    log_w = w.log()                                                              # (n,)
     total = n ** dim
     acc = None
     for start in range(0, total, chunk_size):
