@@ -31,6 +31,11 @@ __all__ = [
 _F64 = torch.float64
 
 
+def _work_dtype(device: torch.device) -> torch.dtype:
+    """float64 for exact oracles, except on Apple MPS, which has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else _F64
+
+
 def _as64(name: str, value, device=None) -> Tensor:
     t = torch.as_tensor(value, dtype=_F64, device=device)
     check_finite(name, t)
@@ -135,19 +140,20 @@ class GaussianMixture:
         """Per-component log-densities and scores of ``sum_k w_k N(a mu_k, a^2 Sigma_k + s2 I)``.
 
         x: (B, D); a, s2: (B,) or None (meaning a=1, s2=0). Returns
-        log_wN (B, K) = log w_k + log N_k(x) and comp_score (B, K, D), in float64.
+        log_wN (B, K) = log w_k + log N_k(x) and comp_score (B, K, D), in float64 (float32 on Apple MPS, which has no float64).
         """
-        x = self._check_x(x).to(_F64)
-        dev = x.device
-        mu, lam, u = self.means.to(dev), self._evals.to(dev), self._evecs.to(dev)
+        dev = self._check_x(x).device
+        work = _work_dtype(dev)
+        x = x.to(work)
+        mu, lam, u = (t.to(dev, work) for t in (self.means, self._evals, self._evecs))
         b = x.shape[0]
-        a = torch.ones(b, dtype=_F64, device=dev) if a is None else a.to(dev, _F64)
-        s2 = torch.zeros(b, dtype=_F64, device=dev) if s2 is None else s2.to(dev, _F64)
+        a = torch.ones(b, dtype=work, device=dev) if a is None else a.to(dev, work)
+        s2 = torch.zeros(b, dtype=work, device=dev) if s2 is None else s2.to(dev, work)
         diff = x[:, None, :] - a[:, None, None] * mu[None]                  # (B, K, D)
         y = torch.einsum("bke,ked->bkd", diff, u)                           # (B, K, D) eigen-coordinates
         var = a[:, None, None] ** 2 * lam[None] + s2[:, None, None]         # (B, K, D)
         log_n = -0.5 * ((y ** 2 / var) + torch.log(var)).sum(-1) - 0.5 * self.dim * LOG_2PI  # (B, K)
-        log_wn = torch.log(self.weights.to(dev))[None] + log_n               # (B, K)
+        log_wn = torch.log(self.weights.to(dev, work))[None] + log_n         # (B, K)
         comp_score = -torch.einsum("ked,bkd->bke", u, y / var)               # (B, K, D)
         return log_wn, comp_score
 
@@ -175,13 +181,14 @@ class GaussianMixture:
         return torch.softmax(log_wn, dim=1).to(x.dtype)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Draw ``n`` samples; (n, D) float64 on the generator's (or the mixture's) device."""
+        """Draw ``n`` samples; (n, D) float64 (float32 on MPS) on the generator's (or the mixture's) device."""
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be a non-negative integer, got {n!r}")
         dev = generator.device if generator is not None else self.device
-        mu, lam, u, w = (t.to(dev) for t in (self.means, self._evals, self._evecs, self.weights))
+        work = _work_dtype(dev)
+        mu, lam, u, w = (t.to(dev, work) for t in (self.means, self._evals, self._evecs, self.weights))
         k = torch.multinomial(w, n, replacement=True, generator=generator)          # (n,)
-        z = torch.randn(n, self.dim, generator=generator, device=dev, dtype=_F64)    # (n, D)
+        z = torch.randn(n, self.dim, generator=generator, device=dev, dtype=work)    # (n, D)
         return mu[k] + torch.einsum("nde,ne->nd", u[k], lam[k].sqrt() * z)
 
     def perturb(self, sigma: float) -> "GaussianMixture":
