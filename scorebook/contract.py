@@ -66,7 +66,9 @@ def check_finite(name: str, x: Tensor) -> Tensor:
 
 def check_positive(name: str, value: float | Tensor) -> None:
     """Raise ``ValueError`` unless every entry of ``value`` is finite and > 0."""
-    v = torch.as_tensor(value, dtype=torch.float64)
+    # checked on the CPU in float64 (MPS has no float64); numbers are parsed straight into float64
+    v = value.detach().cpu().to(torch.float64) if isinstance(value, torch.Tensor) else torch.as_tensor(
+        value, dtype=torch.float64)
     if not torch.isfinite(v).all() or (v <= 0).any():
         raise ValueError(f"{name} must be finite and > 0, got {value!r}")
 

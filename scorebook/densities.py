@@ -36,8 +36,12 @@ def _work_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "mps" else _F64
 
 
-def _as64(name: str, value, device=None) -> Tensor:
-    t = torch.as_tensor(value, dtype=_F64, device=device)
+def _as64(name: str, value) -> Tensor:
+    """Parameters are parsed and stored canonically in float64 on the CPU; ``.to(device)`` moves them."""
+    if isinstance(value, Tensor):
+        t = value.detach().cpu().to(_F64)
+    else:  # parse Python numbers and lists straight into float64 (never via float32)
+        t = torch.as_tensor(value, dtype=_F64)
     check_finite(name, t)
     return t
 
@@ -58,9 +62,10 @@ def _parse_covs(covs, k: int, d: int) -> Tensor:
         check_positive("std", c)
         return (c ** 2)[:, None, None] * torch.eye(d, dtype=_F64)
     if c.ndim == 2:
-        if c.shape != (k, d):
-            raise ValueError(f"a 2-D covs is read as diagonal stds: expected shape ({k}, {d}), got {tuple(c.shape)}")
-        check_positive("std", c)
+        if c.shape != (k, d) or not (c > 0).all():
+            raise ValueError(f"a 2-D covs is read as ({k}, {d}) diagonal standard deviations, all > 0; got shape "
+                             f"{tuple(c.shape)} with minimum {float(c.min()):g}. For full covariance matrices "
+                             f"pass shape ({k}, {d}, {d}), e.g. covs[None] for a single component")
         return torch.diag_embed(c ** 2)
     if c.ndim == 3 and c.shape == (k, d, d):
         return c.clone()
@@ -122,7 +127,7 @@ class GaussianMixture:
         """A copy whose parameters live on ``device``."""
         new = object.__new__(type(self))
         for name in ("means", "covs", "weights", "_evals", "_evecs"):
-            setattr(new, name, getattr(self, name).to(device))
+            setattr(new, name, getattr(self, name).to(device, _work_dtype(device)))
         return new
 
     def __repr__(self) -> str:
@@ -195,8 +200,9 @@ class GaussianMixture:
         """The exact density of ``x + sigma z``, ``z ~ N(0, I)``: every covariance gains ``sigma^2 I``."""
         if not math.isfinite(float(sigma)) or float(sigma) < 0:
             raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
-        eye = torch.eye(self.dim, dtype=_F64, device=self.device)
-        return GaussianMixture(self.means, self.covs + float(sigma) ** 2 * eye, self.weights)
+        cpu = self.to("cpu")
+        eye = torch.eye(self.dim, dtype=_F64)
+        return GaussianMixture(cpu.means, cpu.covs + float(sigma) ** 2 * eye, cpu.weights).to(self.device)
 
     def marginal(self, sde, t: float) -> "GaussianMixture":
         """The exact law at time ``t`` of the forward ``sde`` started from this mixture.
@@ -205,15 +211,17 @@ class GaussianMixture:
         """
         a = float(sde.mean_coef(float(t)))
         s = float(sde.marginal_std(float(t)))
-        eye = torch.eye(self.dim, dtype=_F64, device=self.device)
-        return GaussianMixture(a * self.means, a * a * self.covs + s * s * eye, self.weights)
+        cpu = self.to("cpu")
+        eye = torch.eye(self.dim, dtype=_F64)
+        return GaussianMixture(a * cpu.means, a * a * cpu.covs + s * s * eye, cpu.weights).to(self.device)
 
     # per-sample versions used by the oracle
     def _perturbed_log_prob_score(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
-        return self._log_prob_score(x, None, sigma.to(_F64) ** 2)
+        return self._log_prob_score(x, None, sigma.to(_work_dtype(sigma.device)) ** 2)
 
     def _marginal_log_prob_score(self, x: Tensor, sde, t: Tensor) -> tuple[Tensor, Tensor]:
-        return self._log_prob_score(x, sde.mean_coef(t.to(_F64)), sde.marginal_std(t.to(_F64)) ** 2)
+        t = t.to(_work_dtype(t.device))
+        return self._log_prob_score(x, sde.mean_coef(t), sde.marginal_std(t) ** 2)
 
 
 class Gaussian(GaussianMixture):

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 
 from .contract import ScoreFn, check_finite, check_positive
+from .losses import jacobian_trace
+from .samplers import ADAPTIVE_SOLVERS
 from .sde import SDE
 
 __all__ = [
@@ -51,15 +53,13 @@ class LikelihoodResult:
 
 
 def exact_divergence(fn: VectorField, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(div fn(x), fn(x))`` per sample, exactly, with one backward pass per dimension; (B,), (B, ...)."""
+    """``(div fn(x), fn(x))`` per sample, exactly, with one backward pass per dimension; (B,), (B, ...).
+
+    The same computation as the Jacobian trace of implicit score matching
+    (:func:`scorebook.losses.jacobian_trace`), without keeping the graph.
+    """
     with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        out = fn(x)
-        flat = out.reshape(out.shape[0], -1)
-        div = torch.zeros(x.shape[0], dtype=out.dtype, device=x.device)
-        for i in range(flat.shape[1]):
-            (grad,) = torch.autograd.grad(flat[:, i].sum(), x, retain_graph=True)
-            div = div + grad.reshape(x.shape[0], -1)[:, i]
+        div, out = jacobian_trace(lambda y, _t: fn(y), x, 0.0, create_graph=False)
     return div.detach(), out.detach()
 
 
@@ -100,8 +100,7 @@ def log_likelihood(sde: SDE, score: ScoreFn, x: Tensor, trace: str = "exact", rt
     check_finite("x", x)
     check_positive("rtol", rtol)
     check_positive("atol", atol)
-    if not (0.0 < eps < sde.T):
-        raise ValueError(f"eps must lie in (0, {sde.T}), got {eps}")
+    sde.check_eps(eps)
     if trace not in ("exact", "hutchinson"):
         raise ValueError(f"trace must be 'exact' or 'hutchinson', got {trace!r}")
     probes = None
@@ -135,7 +134,7 @@ def log_likelihood(sde: SDE, score: ScoreFn, x: Tensor, trace: str = "exact", rt
     delta0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     with torch.no_grad():
         xs, deltas = odeint(rhs, (x.detach(), delta0), ts, rtol=rtol, atol=atol, method=method,
-                            options={"step_t": ts} if method in ("dopri5", "dopri8", "bosh3", "adaptive_heun") else None)
+                            options={"step_t": ts} if method in ADAPTIVE_SOLVERS else None)
     x_T, delta_T = xs[-1], deltas[-1]
     log_p_T = sde.prior_log_prob(x_T) if prior_log_prob is None else prior_log_prob(x_T)
     nats = log_p_T + delta_T                                                # (B,)

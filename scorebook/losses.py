@@ -150,8 +150,7 @@ def sde_loss(score: ScoreFn, x: Tensor, sde: SDE, likelihood_weighting: bool = F
     (Song et al. 2021b).
     """
     x = _check_batch(x)
-    if not (0.0 < eps < sde.T):
-        raise ValueError(f"eps must lie in (0, {sde.T}), got {eps}")
+    sde.check_eps(eps)
     b = x.shape[0]
     t = eps + (sde.T - eps) * torch.rand(b, generator=generator, device=x.device, dtype=x.dtype)  # (B,)
     z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -12,7 +12,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .contract import ScoreFn, TimeLike, evaluate_score
+from .contract import ScoreFn, TimeLike
+from .losses import explicit_score_matching
 from .densities import GaussianMixture
 
 __all__ = ["mmd", "sliced_wasserstein", "mode_fractions", "fisher_divergence"]
@@ -72,7 +73,7 @@ def mode_fractions(samples: Tensor, mixture: GaussianMixture) -> Tensor:
     if samples.ndim != 2 or samples.shape[0] == 0:
         raise ValueError(f"samples must be (N, D) with N > 0, got {tuple(samples.shape)}")
     k = mixture.responsibilities(samples).argmax(dim=1)                       # (N,)
-    return torch.bincount(k, minlength=mixture.n_components).to(torch.float64) / samples.shape[0]
+    return torch.bincount(k, minlength=mixture.n_components).to(samples.dtype) / samples.shape[0]
 
 
 def fisher_divergence(score: ScoreFn, dist: GaussianMixture, x: Tensor, t: TimeLike = 0.0) -> Tensor:
@@ -80,5 +81,5 @@ def fisher_divergence(score: ScoreFn, dist: GaussianMixture, x: Tensor, t: TimeL
 
     ``dist`` should be the density the score is meant for at ``t`` (e.g. ``mixture.perturb(sigma)``).
     """
-    s = evaluate_score(score, x, t)
-    return (s - dist.score(x).to(s.dtype)).pow(2).sum(dim=1).mean()
+    # twice the explicit score-matching loss, which carries the conventional factor 1/2
+    return 2.0 * explicit_score_matching(score, x, dist.score(x), t)

@@ -46,6 +46,17 @@ def setup_style() -> None:
     })
 
 
+def _evaluate(fn: Callable, pts: Tensor, *args) -> np.ndarray:
+    """Call a density or score on float64 CPU grid points, moving them to a network's device and
+    dtype when ``fn`` is a module (a trained model), and return a float64 numpy array."""
+    if isinstance(fn, torch.nn.Module):
+        p = next(fn.parameters(), None)
+        if p is not None:
+            pts = pts.to(p.device, p.dtype)
+    with torch.no_grad():
+        return fn(pts, *args).detach().cpu().double().numpy()
+
+
 def _lims(lim: Lim) -> tuple[tuple[float, float], tuple[float, float]]:
     if isinstance(lim, (int, float)):
         return (-float(lim), float(lim)), (-float(lim), float(lim))
@@ -70,8 +81,7 @@ def plot_density(ax, log_prob: Callable[[Tensor], Tensor], lim: Lim = 3.0, n: in
     ``log_prob`` maps (N, 2) float64 points to (N,) log-densities.
     """
     X, Y, pts = grid_2d(lim, n)
-    with torch.no_grad():
-        lp = log_prob(pts).detach().cpu().double().numpy().reshape(X.shape)
+    lp = _evaluate(log_prob, pts).reshape(X.shape)
     Z = lp if log_scale else np.exp(lp)
     cs = ax.contourf(X, Y, Z, levels=levels, cmap=CMAP)
     if colorbar:
@@ -90,8 +100,7 @@ def plot_score_field(ax, score: Callable[[Tensor, object], Tensor], lim: Lim = 3
     colour is left fixed; long arrows far from the data otherwise swamp the picture.
     """
     X, Y, pts = grid_2d(lim, n)
-    with torch.no_grad():
-        s = score(pts, t).detach().cpu().double().numpy()
+    s = _evaluate(score, pts, t)
     if normalize:
         s = s / (np.linalg.norm(s, axis=1, keepdims=True) + 1e-12)
     q = ax.quiver(X, Y, s[:, 0].reshape(X.shape), s[:, 1].reshape(X.shape), color=color,

@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .contract import ScoreFn, TimeLike, check_finite, check_positive, evaluate_score
-from .sde import SDE, VPSDE, _bcast, check_sigmas
+from .sde import SDE, _bcast, check_sigmas
 
 __all__ = [
     "langevin",
@@ -100,8 +100,7 @@ def annealed_langevin(score: ScoreFn, x0: Tensor, sigmas: Tensor, n_steps_each: 
 
 
 def _time_grid(sde: SDE, n_steps: int, eps: float, x: Tensor) -> Tensor:
-    if not (0.0 < eps < sde.T):
-        raise ValueError(f"eps must lie in (0, {sde.T}), got {eps}")
+    sde.check_eps(eps)
     return torch.linspace(sde.T, eps, n_steps + 1, dtype=x.dtype, device=x.device)  # (N+1,) from T down to eps
 
 
@@ -146,9 +145,7 @@ def predictor_corrector(sde: SDE, score: ScoreFn, x_T: Tensor, n_steps: int, snr
     for i in _steps(n_steps, progress, "predictor-corrector"):
         t, dt = ts[i], float(ts[i] - ts[i + 1])                             # dt > 0
         # corrector: Langevin MCMC at the current noise level
-        # alpha_i = 1 - beta_i of the DDPM chain, taken exactly as a(t)^2 / a(t - dt)^2 = exp(-int beta),
-        # which stays in (0, 1] on any grid (the first-order 1 - beta(t) dt goes negative on coarse grids)
-        alpha = float((sde.mean_coef(t) / sde.mean_coef(t - dt)) ** 2) if isinstance(sde, VPSDE) else 1.0
+        alpha = sde.corrector_alpha(t, dt)
         for _ in range(n_corrector):
             s = evaluate_score(score, x, t)
             z = _noise(x, generator)
@@ -168,7 +165,7 @@ def predictor_corrector(sde: SDE, score: ScoreFn, x_T: Tensor, n_steps: int, snr
 
 
 _FIXED = ("euler", "heun")
-_ADAPTIVE = ("dopri5", "bosh3", "adaptive_heun", "dopri8")
+ADAPTIVE_SOLVERS = ("dopri5", "bosh3", "adaptive_heun", "dopri8")  #: torchdiffeq solvers with error control
 
 
 def probability_flow(sde: SDE, score: ScoreFn, x_T: Tensor, method: str = "dopri5", n_steps: int | None = None,
@@ -195,7 +192,7 @@ def probability_flow(sde: SDE, score: ScoreFn, x_T: Tensor, method: str = "dopri
             raise ValueError(f"method={method!r} is fixed-step: pass n_steps")
         _check_steps(n_steps)
         ts = _time_grid(sde, n_steps, eps, x)
-        traj = [x]
+        traj = [x]  # kept only with return_trajectory: 1000 image-sized states would not fit in memory
         for i in _steps(n_steps, progress, f"probability flow ({method})"):
             t, dt = ts[i], ts[i + 1] - ts[i]
             v = velocity(t, x)
@@ -204,22 +201,22 @@ def probability_flow(sde: SDE, score: ScoreFn, x_T: Tensor, method: str = "dopri
             else:  # Heun: Euler predictor, trapezoidal corrector
                 x_pred = x + v * dt
                 x = x + 0.5 * (v + velocity(ts[i + 1], x_pred)) * dt
-            traj.append(x)
-        trajectory = torch.stack(traj)
-    elif method in _ADAPTIVE:
+            if return_trajectory:
+                traj.append(x)
+        trajectory = torch.stack(traj) if return_trajectory else None
+    elif method in ADAPTIVE_SOLVERS:
         from torchdiffeq import odeint
 
         check_positive("rtol", rtol)
         check_positive("atol", atol)
-        if not (0.0 < eps < sde.T):
-            raise ValueError(f"eps must lie in (0, {sde.T}), got {eps}")
+        sde.check_eps(eps)
         n_out = max(int(n_saved), 2) if return_trajectory else 2
         ts = torch.linspace(sde.T, eps, n_out, dtype=x.dtype, device=x.device)
         # step_t makes the solver land exactly on each output time instead of stepping past eps
         trajectory = odeint(velocity, x, ts, rtol=rtol, atol=atol, method=method, options={"step_t": ts})
         x = trajectory[-1]
     else:
-        raise ValueError(f"unknown method {method!r}; choose one of {_FIXED + _ADAPTIVE}")
+        raise ValueError(f"unknown method {method!r}; choose one of {_FIXED + ADAPTIVE_SOLVERS}")
     out: tuple = (x,)
     if return_nfe:
         out += (nfe,)

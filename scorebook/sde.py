@@ -130,6 +130,17 @@ class SDE(ABC):
         g2 = _bcast(self._diffusion(tt) ** 2, x)
         return self.drift(x, tt) - 0.5 * g2 * evaluate_score(score, x, tt)
 
+    def check_eps(self, eps: float) -> float:
+        """Validate the small end time ``eps`` at which reverse-time solvers stop: ``0 < eps < T``."""
+        if not isinstance(eps, (int, float)) or not (0.0 < eps < self.T):
+            raise ValueError(f"eps must lie in (0, {self.T}), got {eps!r}")
+        return float(eps)
+
+    def corrector_alpha(self, t: Tensor, dt: float) -> float:
+        """The ``alpha_i`` of the Langevin corrector's step ``2 alpha (snr ||z|| / ||s||)^2`` (Song et al.
+        2021, Algorithm 5): 1 unless the SDE has a discrete-chain analogue that shrinks the signal."""
+        return 1.0
+
     def discretize(self, x: Tensor, t: TimeLike, dt: float) -> tuple[Tensor, Tensor]:
         """The forward transition from ``t - dt`` to ``t``: returns ``(f dt, G)`` with ``x_t = x + f dt + G z``.
 
@@ -220,6 +231,11 @@ class VPSDE(SDE):
     @property
     def prior_std(self) -> float:
         return 1.0
+
+    def corrector_alpha(self, t: Tensor, dt: float) -> float:
+        """``alpha_i = 1 - beta_i`` of the DDPM chain, taken exactly as ``a(t)^2 / a(t - dt)^2 = exp(-int beta)``;
+        it stays in (0, 1] on any grid, where the first-order ``1 - beta(t) dt`` goes negative on coarse ones."""
+        return float((self._mean_coef(t) / self._mean_coef(t - dt)) ** 2)
 
 
 class SubVPSDE(VPSDE):
