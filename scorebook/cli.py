@@ -274,8 +274,9 @@ def _cmd_train(args, parser) -> int:
         res = train(model, loss, data.train, cfg, meta=meta)
     except CheckpointError as e:
         parser.error(f"cannot resume: {e} (pass --no-resume to start afresh)")
-    except ValueError as e:
-        parser.error(str(e))
+    except (ValueError, FloatingPointError) as e:  # raised while training: not a usage error
+        print(f"scorebook train: error: {e}", file=sys.stderr)
+        return 1
     wall = time.perf_counter() - t0
     tail = res.losses[-100:]
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
@@ -315,7 +316,10 @@ def _cmd_sample(args, parser) -> int:
             x = predictor_corrector(sde, model, x_T, steps, snr=args.snr, generator=g)
         elif args.sampler == "em":
             x = euler_maruyama(sde, model, x_T, steps, generator=g)
-        else:
+        else:  # adaptive solver: the number of steps is the solver's choice
+            if args.steps:
+                print("note: --steps does not apply to --sampler ode (an adaptive solver picks its steps)",
+                      file=sys.stderr)
             x, nfe = probability_flow(sde, model, x_T, return_nfe=True)
             print(f"probability flow: {nfe} score evaluations")
     wall = time.perf_counter() - t0
@@ -390,7 +394,9 @@ def _cmd_nll(args, parser) -> int:
         d = load_digits(seed=spec.split_seed)
         test, tf, n_levels = d.test_x, ImageTransform(d.n_levels, spec.value_range), d.n_levels
     else:
-        test, tf, n_levels = toy_data(spec.toy, args.n or 2000, seed=args.seed + 10_000), None, None
+        # fresh points: a seed the training data (seeded with the training seed) never used
+        test_seed = int(meta.get("seed", 0)) + 10_000
+        test, tf, n_levels = toy_data(spec.toy, args.n or 2000, seed=test_seed), None, None
     if args.n:
         test = test[: args.n]
     g = torch.Generator().manual_seed(args.seed)
@@ -400,7 +406,7 @@ def _cmd_nll(args, parser) -> int:
         y = (tf(xb, g) if tf is not None else xb).to(dev)
         res = log_likelihood(sde, model, y, trace=args.trace, rtol=args.tol, atol=args.tol,
                              generator=torch.Generator(device=dev).manual_seed(args.seed + i))
-        nats.append(res.nats.double().cpu())
+        nats.append(res.nats.cpu().double())
         nfes.append(res.nfe)
     nats_t = torch.cat(nats)
     dim = test[0].numel()

@@ -67,6 +67,11 @@ class TrainingDivergedError(FloatingPointError):
     """The loss became NaN or infinite."""
 
 
+def _is_number(v: Any) -> bool:
+    """A real number that is not a bool (``True`` is an int in Python, but never a learning rate)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 @dataclass
 class TrainConfig:
     """Everything the loop needs besides the model, the loss and the data.
@@ -111,12 +116,19 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"TrainConfig.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"TrainConfig.seed must be an integer, got {self.seed!r}")
+        if not (_is_number(self.lr) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TrainConfig.lr must be a finite number > 0, got {self.lr!r}")
-        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+        if self.grad_clip is not None and not (_is_number(self.grad_clip) and math.isfinite(self.grad_clip)
+                                               and self.grad_clip >= 0):
             raise ValueError(f"TrainConfig.grad_clip must be None or a finite number >= 0, got {self.grad_clip!r}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"TrainConfig.ema_decay must lie in [0, 1), got {self.ema_decay!r}")
+        if not (_is_number(self.ema_decay) and 0.0 <= self.ema_decay < 1.0):
+            raise ValueError(f"TrainConfig.ema_decay must be a number in [0, 1), got {self.ema_decay!r}")
+        if not (len(self.adam_betas) == 2 and all(_is_number(b) and 0.0 <= b < 1.0 for b in self.adam_betas)):
+            raise ValueError(f"TrainConfig.adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        if not (_is_number(self.adam_eps) and self.adam_eps > 0):
+            raise ValueError(f"TrainConfig.adam_eps must be a number > 0, got {self.adam_eps!r}")
         if self.device is not None:
             try:
                 torch.device(self.device)
@@ -190,9 +202,15 @@ def init_distributed(device: str | None = None) -> DistInfo:
         return DistInfo(0, 1, default_device(device), False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = default_device(device)
-    if dev.type == "cuda" and dev.index is None:
+    if dev.type == "cuda":  # one GPU per process, whatever index was asked for
+        if dev.index not in (None, local_rank):
+            warnings.warn(f"under torchrun each process uses cuda:LOCAL_RANK; ignoring {device!r} "
+                          f"for cuda:{local_rank}", stacklevel=2)
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
+    elif dev.type != "cpu":
+        raise ValueError(f"distributed training runs on CUDA (NCCL) or the CPU (gloo), not on {dev.type!r}; "
+                         "pass device='cpu' (--device cpu) or run a single process")
     created = False
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
@@ -298,6 +316,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     truncated/corrupt, or not a scorebook checkpoint. Loads with ``weights_only=True``.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
@@ -314,6 +334,40 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     if missing:
         raise CheckpointError(f"checkpoint {str(path)!r} lacks the entries {missing}")
     return obj
+
+
+def _check_checkpoint_path(path: Path, info: DistInfo) -> None:
+    """Fail before training, not after it, when the checkpoint cannot be written."""
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a directory; give a file path such as "
+                              f"{str(path / 'checkpoint.pt')!r}")
+    if not info.is_main:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {str(path)!r}: {type(e).__name__}: {e}") from e
+
+
+_RUN_FIELDS = {"n_data": "number of training examples", "shape": "example shape", "data_sum": "training data",
+               "batch_size": "batch_size", "seed": "seed", "meta": "run description (meta)"}
+
+
+def _check_same_run(saved: dict | None, now: dict, path: Path) -> None:
+    """Resuming continues the *same* run: refuse when the data or the settings that fix the
+    trajectory differ from the checkpoint's (an old checkpoint without this record is accepted)."""
+    if saved is None:
+        return
+    diff = [label for key, label in _RUN_FIELDS.items()
+            if key in saved and not (math.isclose(saved[key], now[key], rel_tol=1e-9, abs_tol=1e-9)
+                                     if key == "data_sum" else saved[key] == now[key])]
+    if diff:
+        raise CheckpointError(f"checkpoint {str(path)!r} belongs to a different run: the {', '.join(diff)} "
+                              "differ(s). Resume with the same data and settings, or start afresh "
+                              "(resume=False / --no-resume; the old checkpoint is kept as .prev)")
 
 
 def _load_model_state(module: nn.Module, state: dict, what: str, path: str) -> None:
@@ -395,8 +449,19 @@ def _train(model, loss_fn, data, config, info, meta, callback) -> TrainResult:
     step, losses = 0, []
 
     ckpt = Path(config.checkpoint) if config.checkpoint else None
+    run = {"n_data": len(data), "shape": list(data.x.shape[1:]), "data_sum": float(data.x.double().sum()),
+           "batch_size": config.batch_size, "seed": config.seed, "meta": _plain(meta)}
+    if ckpt is not None:
+        _check_checkpoint_path(ckpt, info)
+        if not config.resume and ckpt.exists() and info.is_main:
+            kept = ckpt.with_name(ckpt.name + ".prev")
+            os.replace(ckpt, kept)  # starting afresh must not silently discard a good checkpoint
+            warnings.warn(f"resume=False: the existing checkpoint was moved to {str(kept)!r}", stacklevel=3)
+        if info.world_size > 1:
+            dist.barrier()
     if ckpt is not None and config.resume and ckpt.exists():
         state = load_checkpoint(ckpt, map_location="cpu")  # RNG states must stay on the CPU
+        _check_same_run(state.get("run"), run, ckpt)
         _load_model_state(model, state["model"], "model", str(ckpt))
         _load_model_state(ema.module, state["ema"]["module"], "EMA model", str(ckpt))
         ema.n_updates = int(state["ema"]["n_updates"])
@@ -425,7 +490,7 @@ def _train(model, loss_fn, data, config, info, meta, callback) -> TrainResult:
         if info.is_main:
             save_checkpoint(ckpt, {"model": model.state_dict(), "ema": ema.state_dict(),
                                    "optimizer": opt.state_dict(), "step": step, "losses": losses,
-                                   "rng": rngs, "config": _plain(asdict(config)), "meta": meta})
+                                   "rng": rngs, "config": _plain(asdict(config)), "meta": meta, "run": run})
 
     bar = tqdm(total=config.steps, initial=step, disable=not (config.progress and info.is_main),
                dynamic_ncols=True, leave=False)

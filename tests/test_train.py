@@ -127,7 +127,8 @@ def test_nan_loss_names_the_step():
 def test_bad_checkpoints_give_clear_errors(tmp_path):
     model = ScoreMLP(2, 8, 1)
     good = tmp_path / "good.pt"
-    train(model, lambda s, x: (s(x, 0.5) ** 2).mean(), torch.randn(32, 2), _cfg(steps=2, checkpoint=str(good)))
+    x = torch.randn(32, 2)
+    train(model, lambda s, x: (s(x, 0.5) ** 2).mean(), x, _cfg(steps=2, checkpoint=str(good)))
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
     cut = tmp_path / "cut.pt"
@@ -143,12 +144,44 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         load_checkpoint(tmp_path / "junk.pt")
     # resuming a different architecture from a good file
     with pytest.raises(CheckpointError, match="does not fit this model"):
-        train(ScoreMLP(2, 16, 1), lambda s, x: (s(x, 0.5) ** 2).mean(), torch.randn(32, 2),
-              _cfg(steps=4, checkpoint=str(good)))
+        train(ScoreMLP(2, 16, 1), lambda s, x: (s(x, 0.5) ** 2).mean(), x, _cfg(steps=4, checkpoint=str(good)))
+    # resuming with other data, or another batch size, is a different run: refused, naming what differs
+    with pytest.raises(CheckpointError, match="different run: the training data"):
+        train(ScoreMLP(2, 8, 1), lambda s, x: (s(x, 0.5) ** 2).mean(), x + 1, _cfg(steps=4, checkpoint=str(good)))
+    with pytest.raises(CheckpointError, match="different run: the batch_size"):
+        train(ScoreMLP(2, 8, 1), lambda s, x: (s(x, 0.5) ** 2).mean(), x,
+              _cfg(steps=4, batch_size=4, checkpoint=str(good)))
+    # a directory as the checkpoint path fails before any training step
+    steps_run = []
+    with pytest.raises(CheckpointError, match="is a directory"):
+        train(ScoreMLP(2, 8, 1), lambda s, x: steps_run.append(1) or (s(x, 0.5) ** 2).mean(), x,
+              _cfg(steps=4, checkpoint=str(tmp_path)))
+    assert steps_run == []
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_checkpoint(tmp_path)
     # resuming from a truncated file fails instead of silently starting over
     with pytest.raises(CheckpointError, match="truncated"):
         train(ScoreMLP(2, 8, 1), lambda s, x: (s(x, 0.5) ** 2).mean(), torch.randn(32, 2),
               _cfg(steps=4, checkpoint=str(cut)))
+
+
+def test_starting_afresh_keeps_the_old_checkpoint(tmp_path):
+    path = tmp_path / "ck.pt"
+    x = torch.randn(32, 2)
+    loss = lambda s, x: (s(x, 0.5) ** 2).mean()  # noqa: E731
+    train(ScoreMLP(2, 8, 1), loss, x, _cfg(steps=3, checkpoint=str(path)))
+    old = path.read_bytes()
+    with pytest.warns(UserWarning, match="moved to"):
+        train(ScoreMLP(2, 8, 1), loss, x + 1, _cfg(steps=2, checkpoint=str(path), resume=False))
+    assert (tmp_path / "ck.pt.prev").read_bytes() == old
+    assert load_checkpoint(path)["step"] == 2 and load_checkpoint(tmp_path / "ck.pt.prev")["step"] == 3
+
+
+def test_config_rejects_values_of_the_wrong_type():
+    for bad in ({"lr": True}, {"ema_decay": "0.9"}, {"grad_clip": "1"}, {"seed": 1.5},
+                {"adam_betas": (0.9, 1.5)}, {"adam_eps": 0.0}):
+        with pytest.raises(ValueError, match=f"TrainConfig.{next(iter(bad))}"):
+            TrainConfig(**bad)
 
 
 def test_failed_write_leaves_the_good_checkpoint_intact(tmp_path, monkeypatch):
