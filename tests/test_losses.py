@@ -251,10 +251,15 @@ def test_seed_1d_example_closed_form_minimiser_of_ism():
     grad = torch.autograd.functional.jacobian(loss, theta0)
     hess = torch.autograd.functional.hessian(loss, theta0)
     a, b = (theta0 - torch.linalg.solve(hess, grad)).tolist()
+    _assert_is_the_ism_optimum(a, b, x, rel=1e-10)
+
+
+def _assert_is_the_ism_optimum(a: float, b: float, x, rel: float) -> None:
+    """(a, b) is the ISM minimiser of s(x) = a x + b on the sample x ~ N(MU, S^2), and near the population one."""
     # on the sample the minimiser is exactly (-1/v, m/v) with the sample mean m and (biased) variance v
     m, v = float(x.mean()), float(x.var(unbiased=False))
-    assert a == pytest.approx(-1 / v, rel=1e-10) and b == pytest.approx(m / v, rel=1e-10)
-    # and (-1/v, m/v) -> (-1/s^2, mu/s^2): SE(1/v) = sqrt(2/n)/s^2, SE(m/v) ~ sqrt(1/(n s^2) + 2 mu^2/(n s^4))/1
+    assert a == pytest.approx(-1 / v, rel=rel) and b == pytest.approx(m / v, rel=rel)
+    # and (-1/v, m/v) -> (-1/s^2, mu/s^2): SE(1/v) = sqrt(2/n)/s^2, SE(m/v) ~ sqrt(1/(n s^2) + 2 mu^2/(n s^4))
     n = x.shape[0]
     assert abs(a + 1 / S ** 2) < 4 * math.sqrt(2 / n) / S ** 2
     assert abs(b - MU / S ** 2) < 4 * math.sqrt(1 / (n * S ** 2) + 2 * MU ** 2 / (n * S ** 4))
@@ -271,12 +276,7 @@ def test_seed_1d_example_gradient_descent_on_ism():
         opt.zero_grad()
         implicit_score_matching(lambda y, t: a * y + b, x).backward()
         opt.step()
-    a, b = float(a.detach()), float(b.detach())
-    m, v = float(x.mean()), float(x.var(unbiased=False))
-    assert a == pytest.approx(-1 / v, rel=1e-8) and b == pytest.approx(m / v, rel=1e-8)
-    n = x.shape[0]
-    assert abs(a + 1 / S ** 2) < 4 * math.sqrt(2 / n) / S ** 2
-    assert abs(b - MU / S ** 2) < 4 * math.sqrt(1 / (n * S ** 2) + 2 * MU ** 2 / (n * S ** 4))
+    _assert_is_the_ism_optimum(float(a.detach()), float(b.detach()), x, rel=1e-8)
 
 
 # ----- dtype and bad input ------------------------------------------------------------------
