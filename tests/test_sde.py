@@ -178,3 +178,26 @@ def test_bad_noise_schedules_raise():
         geometric_sigmas(10.0, 0.0, 5)
     with pytest.raises(ValueError, match="sigma_max must exceed sigma_min"):
         geometric_sigmas(1.0, 10.0, 5)
+
+
+def test_corrector_alpha_is_the_exact_ddpm_alpha():
+    """alpha over a step [t - dt, t] is exp(-int beta) for VP and sub-VP: closed form, 1 - beta dt to first order,
+    and inside (0, 1] even on a grid so coarse that 1 - beta dt < 0; VE has no shrinkage (alpha = 1)."""
+    for sde in (VPSDE(0.1, 20.0), SubVPSDE(0.1, 20.0)):
+        t, dt = torch.tensor(0.7, dtype=torch.float64), 0.2
+        integral = 0.1 * dt + 0.5 * 19.9 * (0.7 ** 2 - 0.5 ** 2)
+        assert sde.corrector_alpha(t, dt) == pytest.approx(math.exp(-integral), rel=1e-12)
+        assert 0.0 < sde.corrector_alpha(t, dt) <= 1.0 and 1.0 - float(sde.beta(t)) * dt < 0
+        # first order: exp(-int) = 1 - beta dt + O(dt^2), the remainder bounded by (beta^2 + |beta'|) dt^2
+        small, beta = 1e-4, float(sde.beta(t))
+        gap = abs(sde.corrector_alpha(t, small) - (1 - beta * small))
+        assert gap < (beta ** 2 + 19.9) * small ** 2 and gap > 0
+    assert VESDE().corrector_alpha(torch.tensor(0.5), 0.1) == 1.0
+
+
+def test_check_eps_accepts_only_the_open_interval():
+    sde = VPSDE()
+    assert sde.check_eps(1e-3) == 1e-3
+    for bad in (0.0, 1.0, -1e-3, 2.0, "0.1"):
+        with pytest.raises(ValueError, match="eps must lie in"):
+            sde.check_eps(bad)
