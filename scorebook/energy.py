@@ -29,6 +29,7 @@ from .contract import check_positive
 __all__ = [
     "EnergyFn",
     "trapezoid_log_weights",
+    "box_2d",
     "log_partition_1d",
     "log_partition_2d",
     "quadratic_energy",
@@ -115,7 +116,7 @@ def log_partition_1d(f: EnergyFn, lo: float, hi: float, n: int = 4001,
     return torch.logsumexp(fx + log_w, dim=0)
 
 
-def _parse_lim(lim) -> tuple[tuple[float, float], tuple[float, float]]:
+def box_2d(lim) -> tuple[tuple[float, float], tuple[float, float]]:
     """``L`` -> [-L, L]^2; ``(lo, hi)`` -> [lo, hi]^2; ``((x0, x1), (y0, y1))`` -> a rectangle."""
     if isinstance(lim, (int, float)) and not isinstance(lim, bool):
         if not (math.isfinite(lim) and lim > 0):
@@ -141,7 +142,7 @@ def log_partition_2d(f: EnergyFn, lim=6.0, n: int = 301,
     The grid has ``n`` points per axis, so the cost is ``n^2`` evaluations of ``f``: the
     price of quadrature in ``D`` dimensions is ``n^D``. Returns a 0-d float64 tensor.
     """
-    (x0, x1), (y0, y1) = _parse_lim(lim)
+    (x0, x1), (y0, y1) = box_2d(lim)
     gx, lwx = trapezoid_log_weights(x0, x1, n, device=device)     # (n,), (n,)
     gy, lwy = trapezoid_log_weights(y0, y1, n, device=device)     # (n,), (n,)
     X, Y = torch.meshgrid(gx, gy, indexing="ij")                  # (n, n) each

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .energy import box_2d
+
 __all__ = [
     "CMAP",
     "SAMPLE_COLOR",
@@ -57,17 +59,9 @@ def _evaluate(fn: Callable, pts: Tensor, *args) -> np.ndarray:
         return fn(pts, *args).detach().cpu().double().numpy()
 
 
-def _lims(lim: Lim) -> tuple[tuple[float, float], tuple[float, float]]:
-    if isinstance(lim, (int, float)):
-        return (-float(lim), float(lim)), (-float(lim), float(lim))
-    if isinstance(lim[0], (int, float)):
-        return (float(lim[0]), float(lim[1])), (float(lim[0]), float(lim[1]))
-    return (float(lim[0][0]), float(lim[0][1])), (float(lim[1][0]), float(lim[1][1]))
-
-
 def grid_2d(lim: Lim, n: int = 100) -> tuple[np.ndarray, np.ndarray, Tensor]:
     """A regular ``n x n`` grid: returns ``X, Y`` (n, n) arrays and the points (n*n, 2) as float64 tensor."""
-    (x0, x1), (y0, y1) = _lims(lim)
+    (x0, x1), (y0, y1) = box_2d(lim)
     xs, ys = np.linspace(x0, x1, n), np.linspace(y0, y1, n)
     X, Y = np.meshgrid(xs, ys)
     pts = torch.from_numpy(np.stack([X.ravel(), Y.ravel()], axis=1))
@@ -119,7 +113,7 @@ def plot_samples(ax, x: Tensor | np.ndarray, lim: Lim | None = None, color: str 
         raise ValueError(f"plot_samples needs points of shape (N, 2), got {xx.shape}")
     ax.scatter(xx[:, 0], xx[:, 1], s=s, alpha=alpha, color=color, label=label, linewidths=0)
     if lim is not None:
-        (x0, x1), (y0, y1) = _lims(lim)
+        (x0, x1), (y0, y1) = box_2d(lim)
         ax.set_xlim(x0, x1)
         ax.set_ylim(y0, y1)
     ax.set_xlabel("$x_1$")

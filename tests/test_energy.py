@@ -173,3 +173,14 @@ def test_bad_energies_and_limits_raise():
         MLPEnergy(confine=-1.0)
     with pytest.raises(ValueError, match="x must have shape"):
         quadratic_energy([0.0, 0.0], 1.0)(torch.zeros(4, 3))
+
+
+def test_box_2d_reads_the_three_forms_and_rejects_empty_boxes():
+    from scorebook.energy import box_2d
+
+    assert box_2d(3) == ((-3.0, 3.0), (-3.0, 3.0))
+    assert box_2d((-1, 2)) == ((-1.0, 2.0), (-1.0, 2.0))
+    assert box_2d(((-1, 2), (0, 5))) == ((-1.0, 2.0), (0.0, 5.0))
+    for bad in (0, -1.0, (2, 1), ((0, 1), (3, 3)), "wide", (1, 2, 3)):
+        with pytest.raises(ValueError, match="lim"):
+            box_2d(bad)
