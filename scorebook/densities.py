@@ -46,49 +46,66 @@ def _as64(name: str, value) -> Tensor:
     return t
 
 
-def _parse_covs(covs, k: int, d: int) -> Tensor:
-    """Turn the accepted covariance forms into a (K, D, D) tensor.
+def _parse_stds(stds, k: int, d: int) -> Tensor:
+    """Standard deviations -> (K, D, D) covariances.
 
-    (K, D, D): full covariances.  (K, D): diagonal standard deviations.
-    (K,): isotropic standard deviation per component.  scalar: one std for all.
+    scalar: one isotropic std for every component.  (K,): an isotropic std per component.
+    (K, D): diagonal standard deviations per component.
     """
-    c = _as64("covs", covs)
+    c = _as64("stds", stds)
     if c.ndim == 0:
-        check_positive("std", c)
+        check_positive("stds", c)
         return (c ** 2) * torch.eye(d, dtype=_F64).expand(k, d, d).clone()
     if c.ndim == 1:
         if c.shape[0] != k:
-            raise ValueError(f"a 1-D covs is read as one std per component: expected {k} entries, got {c.shape[0]}")
-        check_positive("std", c)
+            raise ValueError(f"a 1-D stds is one isotropic std per component: expected {k} entries, got {c.shape[0]}")
+        check_positive("stds", c)
         return (c ** 2)[:, None, None] * torch.eye(d, dtype=_F64)
     if c.ndim == 2:
-        if c.shape != (k, d) or not (c > 0).all():
-            raise ValueError(f"a 2-D covs is read as ({k}, {d}) diagonal standard deviations, all > 0; got shape "
-                             f"{tuple(c.shape)} with minimum {float(c.min()):g}. For full covariance matrices "
-                             f"pass shape ({k}, {d}, {d}), e.g. covs[None] for a single component")
+        if c.shape != (k, d):
+            raise ValueError(f"a 2-D stds is ({k}, {d}) diagonal standard deviations, got shape {tuple(c.shape)}")
+        check_positive("stds", c)
         return torch.diag_embed(c ** 2)
-    if c.ndim == 3 and c.shape == (k, d, d):
-        return c.clone()
-    raise ValueError(f"covs must have shape ({k},{d},{d}), ({k},{d}), ({k},) or be a scalar; got {tuple(c.shape)}")
+    raise ValueError(f"stds must be a scalar, ({k},) or ({k}, {d}); got shape {tuple(c.shape)}. "
+                     f"For full covariance matrices pass covs= of shape ({k}, {d}, {d})")
+
+
+def _parse_covs(covs, k: int, d: int) -> Tensor:
+    """Full covariance matrices, (K, D, D), and nothing else: their meaning never depends on the shape."""
+    c = _as64("covs", covs)
+    if c.shape != (k, d, d):
+        hint = (" For standard deviations (a scalar, one per component, or diagonal) pass stds= instead."
+                if c.ndim < 3 else "")
+        raise ValueError(f"covs must be full covariance matrices of shape ({k}, {d}, {d}), got shape "
+                         f"{tuple(c.shape)}.{hint}")
+    return c.clone()
 
 
 class GaussianMixture:
     """``p(x) = sum_k w_k N(x; mu_k, Sigma_k)`` in any dimension, stored in float64.
 
+    Give the spread of the components in exactly one of two ways, so that a number never
+    means a variance in one place and a standard deviation in another:
+
     Args:
-        means: (K, D) component means.
-        covs: (K, D, D) full covariances; or (K, D) diagonal *standard deviations*;
-            or (K,) isotropic standard deviations; or a scalar standard deviation.
+        means: (K, D) component means (or (K,) for K one-dimensional components).
+        covs: (K, D, D) full covariance matrices (variances on the diagonal).
         weights: (K,) non-negative, summing to 1. Defaults to uniform.
+        stds: standard deviations instead of ``covs``: a scalar (isotropic, all components),
+            (K,) (isotropic, one per component) or (K, D) (diagonal). Default ``1.0`` when
+            neither is given.
     """
 
-    def __init__(self, means, covs=1.0, weights=None):
+    def __init__(self, means, covs=None, weights=None, *, stds=None):
         mu = _as64("means", means)
         if mu.ndim == 1:
             mu = mu[:, None]  # K one-dimensional components
         if mu.ndim != 2:
             raise ValueError(f"means must have shape (K, D), got {tuple(mu.shape)}")
         k, d = mu.shape
+        if k == 0 or d == 0:
+            raise ValueError(f"a mixture needs at least one component in at least one dimension; means has shape "
+                             f"{tuple(mu.shape)}")
         w = torch.full((k,), 1.0 / k, dtype=_F64) if weights is None else _as64("weights", weights)
         if w.shape != (k,):
             raise ValueError(f"weights must have shape ({k},) to match means, got {tuple(w.shape)}")
@@ -96,7 +113,9 @@ class GaussianMixture:
             raise ValueError(f"weights must be non-negative, got {w.tolist()}")
         if abs(float(w.sum()) - 1.0) > 1e-6:
             raise ValueError(f"weights must sum to 1, got sum {float(w.sum()):.6g}")
-        cov = _parse_covs(covs, k, d)
+        if covs is not None and stds is not None:
+            raise ValueError("pass either covs= (full covariance matrices) or stds= (standard deviations), not both")
+        cov = _parse_covs(covs, k, d) if covs is not None else _parse_stds(1.0 if stds is None else stds, k, d)
         if not torch.allclose(cov, cov.transpose(-1, -2), atol=1e-10, rtol=1e-8):
             raise ValueError("covariance matrices must be symmetric")
         evals, evecs = torch.linalg.eigh(cov)
@@ -138,7 +157,7 @@ class GaussianMixture:
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
-        return x
+        return check_finite("x", x)
 
     # ----- the one computation everything uses ------------------------------------------
     def _components(self, x: Tensor, a: Tensor | None = None, s2: Tensor | None = None):
@@ -225,17 +244,29 @@ class GaussianMixture:
 
 
 class Gaussian(GaussianMixture):
-    """``N(mean, cov)`` in any dimension. ``cov`` is a (D, D) covariance matrix, or a
-    scalar (isotropic std) or a (D,) vector (diagonal stds)."""
+    """``N(mean, cov)`` in any dimension.
 
-    def __init__(self, mean, cov=1.0):
+    ``cov`` is the (D, D) covariance matrix; or give ``std=`` instead, a scalar (isotropic) or a
+    (D,) vector (diagonal) of standard deviations. Default: ``std=1``.
+    """
+
+    def __init__(self, mean, cov=None, *, std=None):
         m = _as64("mean", mean).reshape(-1)
-        c = _as64("cov", cov)
-        if c.ndim == 2:
-            c = c[None]
-        elif c.ndim == 1:
-            c = c[None]  # (1, D) diagonal stds
-        super().__init__(m[None], c, torch.ones(1, dtype=_F64))
+        if cov is not None and std is not None:
+            raise ValueError("pass either cov= (a covariance matrix) or std= (standard deviations), not both")
+        if cov is not None:
+            c = _as64("cov", cov)
+            if c.shape != (m.numel(), m.numel()):
+                hint = " For a standard deviation (scalar or per coordinate) pass std= instead." if c.ndim < 2 else ""
+                raise ValueError(f"cov must be a ({m.numel()}, {m.numel()}) covariance matrix, got shape "
+                                 f"{tuple(c.shape)}.{hint}")
+            super().__init__(m[None], c[None], torch.ones(1, dtype=_F64))
+        else:
+            sd = _as64("std", 1.0 if std is None else std)
+            if sd.ndim > 1:
+                raise ValueError(f"std must be a scalar or a ({m.numel()},) vector, got shape {tuple(sd.shape)}; "
+                                 f"for a covariance matrix pass cov=")
+            super().__init__(m[None], None, torch.ones(1, dtype=_F64), stds=sd[None] if sd.ndim == 1 else sd)
 
     @property
     def mean(self) -> Tensor:
@@ -252,14 +283,14 @@ class Gaussian(GaussianMixture):
 
 def song_ermon_mixture() -> GaussianMixture:
     """``1/5 N((-5,-5), I) + 4/5 N((5,5), I)`` from Song & Ermon (2019), Appendix B."""
-    return GaussianMixture([[-5.0, -5.0], [5.0, 5.0]], 1.0, [0.2, 0.8])
+    return GaussianMixture([[-5.0, -5.0], [5.0, 5.0]], weights=[0.2, 0.8], stds=1.0)
 
 
 def eight_gaussians_mixture(radius: float = 2.0, std: float = 0.15) -> GaussianMixture:
     """Eight equal-weight isotropic Gaussians evenly spaced on a circle of ``radius``."""
     ang = torch.arange(8, dtype=_F64) * (2 * math.pi / 8)
     means = radius * torch.stack([torch.cos(ang), torch.sin(ang)], dim=1)
-    return GaussianMixture(means, std)
+    return GaussianMixture(means, stds=std)
 
 
 # ----- 2-D toy data sets ------------------------------------------------------------------
@@ -358,6 +389,7 @@ def oracle_score(dist: GaussianMixture, sde=None) -> ScoreFn:
 
     def score(x: Tensor, t: TimeLike) -> Tensor:
         tt = as_time(t, x)
+        check_finite("the noise level or time t", tt)
         if sde is None:
             if (tt < 0).any():
                 raise ValueError("the noise level sigma = t must be >= 0")

@@ -30,9 +30,9 @@ def random_mixture(d, k, g, form="full"):
         a = torch.randn(k, d, d, generator=g, dtype=F64)
         covs = a @ a.transpose(-1, -2) + 0.3 * torch.eye(d, dtype=F64)
     elif form == "diag":
-        covs = 0.5 + torch.rand(k, d, generator=g, dtype=F64)           # diagonal stds
+        return GaussianMixture(means, weights=w, stds=0.5 + torch.rand(k, d, generator=g, dtype=F64))  # diagonal
     else:
-        covs = 0.5 + torch.rand(k, generator=g, dtype=F64)              # isotropic stds
+        return GaussianMixture(means, weights=w, stds=0.5 + torch.rand(k, generator=g, dtype=F64))     # isotropic
     return GaussianMixture(means, covs, w)
 
 
@@ -92,17 +92,34 @@ def test_log_prob_matches_scipy(d):
     np.testing.assert_allclose(gm.log_prob(x).numpy(), scipy_log_prob(gm, x), rtol=1e-10, atol=1e-10)
 
 
-def test_covariance_forms_scalar_isotropic_diagonal_full_agree():
+def test_std_forms_scalar_isotropic_diagonal_agree_with_full_covs():
     means = torch.tensor([[0.0, 1.0], [2.0, -1.0]], dtype=F64)
     full = torch.stack([torch.diag(torch.tensor([0.25, 0.25])), torch.diag(torch.tensor([0.25, 0.25]))]).double()
     ref = GaussianMixture(means, full, [0.3, 0.7])
-    for covs in (0.5, [0.5, 0.5], [[0.5, 0.5], [0.5, 0.5]]):
-        torch.testing.assert_close(GaussianMixture(means, covs, [0.3, 0.7]).covs, ref.covs)
-    gd = Gaussian([1.0, 2.0], [0.5, 2.0])            # diagonal stds
+    for stds in (0.5, [0.5, 0.5], [[0.5, 0.5], [0.5, 0.5]]):
+        torch.testing.assert_close(GaussianMixture(means, weights=[0.3, 0.7], stds=stds).covs, ref.covs)
+    gd = Gaussian([1.0, 2.0], std=[0.5, 2.0])        # diagonal stds
     torch.testing.assert_close(gd.cov, torch.diag(torch.tensor([0.25, 4.0], dtype=F64)))
-    gi = Gaussian([1.0, 2.0], 3.0)                   # isotropic std
+    gi = Gaussian([1.0, 2.0], std=3.0)               # isotropic std
     torch.testing.assert_close(gi.cov, 9.0 * torch.eye(2, dtype=F64))
     assert gi.mean.tolist() == [1.0, 2.0] and gi.dim == 2
+    default = GaussianMixture(means)                 # neither given: unit stds
+    torch.testing.assert_close(default.covs, torch.eye(2, dtype=F64).expand(2, 2, 2))
+
+
+def test_covs_is_always_a_covariance_and_stds_always_a_std():
+    """The meaning of a number never depends on its shape: a scalar or vector covs is refused, not read as a std."""
+    for bad in (0.8, [0.5, 0.5], [[0.5, 0.5], [0.5, 0.5]]):
+        with pytest.raises(ValueError, match="covs must be full covariance matrices.*stds="):
+            GaussianMixture([[0.0, 1.0], [2.0, -1.0]], bad)
+    with pytest.raises(ValueError, match="cov must be a \\(1, 1\\) covariance matrix.*std="):
+        Gaussian([0.0], 0.8)
+    with pytest.raises(ValueError, match="not both"):
+        GaussianMixture([[0.0]], [[[1.0]]], stds=1.0)
+    with pytest.raises(ValueError, match="not both"):
+        Gaussian([0.0], [[1.0]], std=1.0)
+    # a 1-D Gaussian with variance 0.64 two ways
+    torch.testing.assert_close(Gaussian([0.0], [[0.64]]).cov, Gaussian([0.0], std=0.8).cov)
 
 
 def test_gaussian_entropy_matches_scipy():
@@ -267,11 +284,13 @@ def test_make_toy_circles_have_radii_one_and_two():
 # ----- bad input ---------------------------------------------------------------------------
 def test_bad_weights_raise():
     with pytest.raises(ValueError, match="weights must be non-negative"):
-        GaussianMixture([[0.0], [1.0]], 1.0, [1.5, -0.5])
+        GaussianMixture([[0.0], [1.0]], weights=[1.5, -0.5])
     with pytest.raises(ValueError, match="weights must sum to 1"):
-        GaussianMixture([[0.0], [1.0]], 1.0, [0.5, 0.6])
+        GaussianMixture([[0.0], [1.0]], weights=[0.5, 0.6])
     with pytest.raises(ValueError, match="weights must have shape"):
-        GaussianMixture([[0.0], [1.0]], 1.0, [1.0])
+        GaussianMixture([[0.0], [1.0]], weights=[1.0])
+    with pytest.raises(ValueError, match="at least one component"):
+        GaussianMixture(torch.zeros(0, 2))
 
 
 def test_non_positive_definite_covariance_raises():
@@ -279,10 +298,24 @@ def test_non_positive_definite_covariance_raises():
         Gaussian([0.0, 0.0], [[1.0, 2.0], [2.0, 1.0]])
     with pytest.raises(ValueError, match="symmetric"):
         Gaussian([0.0, 0.0], [[1.0, 0.5], [0.0, 1.0]])
-    with pytest.raises(ValueError, match="std"):
-        GaussianMixture([[0.0], [1.0]], [1.0, 0.0])
-    with pytest.raises(ValueError, match="std"):
-        Gaussian([0.0], -1.0)
+    with pytest.raises(ValueError, match="stds must be finite and > 0"):
+        GaussianMixture([[0.0], [1.0]], stds=[1.0, 0.0])
+    with pytest.raises(ValueError, match="stds must be finite and > 0"):
+        Gaussian([0.0], std=-1.0)
+
+
+def test_nan_input_and_nan_noise_level_raise():
+    gm = song_ermon_mixture()
+    x = torch.zeros(3, 2, dtype=F64)
+    x[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="x contains 1 NaN"):
+        gm.log_prob(x)
+    with pytest.raises(ValueError, match="x contains 1 NaN"):
+        oracle_score(gm)(x, 0.5)
+    with pytest.raises(ValueError, match="noise level or time t contains"):
+        oracle_score(gm)(torch.zeros(3, 2, dtype=F64), float("nan"))
+    with pytest.raises(ValueError, match="t"):
+        oracle_score(gm, VPSDE())(torch.zeros(3, 2, dtype=F64), float("nan"))
 
 
 def test_bad_sigma_t_and_x_raise():

@@ -37,7 +37,7 @@ def test_likelihood_of_a_gaussian_under_the_default_prior_of_subvp():
     """N(0, I) data under sub-VP: p_T = N(0, (a^2 + (1 - a^2)^2) I) = N(0, (1 - a^2 (1 - a^2)) I) with
     a(1)^2 ~ 4e-5, so the default prior N(0, I) is right to ~1e-4 nats; compare with the analytic density."""
     sde = SubVPSDE()
-    p = Gaussian(torch.zeros(3), 1.0)
+    p = Gaussian(torch.zeros(3), std=1.0)
     x = p.sample(50, generator=torch.Generator().manual_seed(1))
     res = log_likelihood(sde, oracle_score(p, sde), x)
     assert float((res.nats - p.log_prob(x)).abs().mean()) < 1e-3

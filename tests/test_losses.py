@@ -46,7 +46,7 @@ def test_explicit_sm_is_half_the_squared_error_and_accepts_a_tensor_target():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(100, 3, generator=g, dtype=F64)
     s = mlp_score(3, g)
-    true = Gaussian(torch.zeros(3), 1.0)
+    true = Gaussian(torch.zeros(3), std=1.0)
     ref = 0.5 * ((s(x, 0) - true.score(x)) ** 2).sum(1).mean()
     torch.testing.assert_close(explicit_score_matching(s, x, oracle_score(true)), ref)
     torch.testing.assert_close(explicit_score_matching(s, x, true.score(x)), ref)
@@ -282,7 +282,7 @@ def test_seed_1d_example_gradient_descent_on_ism():
 # ----- dtype and bad input ------------------------------------------------------------------
 def test_losses_follow_float32():
     x = torch.randn(32, 2)
-    p = Gaussian([0.0, 0.0], 1.0)
+    p = Gaussian([0.0, 0.0], std=1.0)
     s = oracle_score(p)
     losses = [explicit_score_matching(s, x, s), implicit_score_matching(s, x), sliced_score_matching(s, x),
               denoising_score_matching(s, x, 0.5), ncsn_loss(s, x, geometric_sigmas(2.0, 0.1, 4)),

@@ -85,4 +85,4 @@ def test_metrics_reject_bad_inputs():
     with pytest.raises(ValueError, match="n_projections must be a positive integer"):
         sliced_wasserstein(x, x, n_projections=0)
     with pytest.raises(ValueError, match="shaped like x"):
-        fisher_divergence(lambda y, t: y[:, :1], Gaussian([0.0, 0.0], 1.0), x)
+        fisher_divergence(lambda y, t: y[:, :1], Gaussian([0.0, 0.0], std=1.0), x)

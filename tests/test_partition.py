@@ -83,7 +83,7 @@ def test_importance_sampling_within_its_error():
     # Relative variance per sample: (s^2 / sqrt(2 s^2 - 1))^D - 1.
     dim, s, n = 5, 1.3, 100_000
     f = gaussian_f(torch.eye(dim, dtype=torch.float64))
-    q = Gaussian(torch.zeros(dim), s)
+    q = Gaussian(torch.zeros(dim), std=s)
     est = importance_log_partition(f, q, n, generator=torch.Generator().manual_seed(1))
     rel_se = math.sqrt(((s ** 2 / math.sqrt(2 * s ** 2 - 1)) ** dim - 1) / n)
     truth = gaussian_log_partition(torch.eye(dim, dtype=torch.float64))

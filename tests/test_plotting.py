@@ -37,7 +37,7 @@ def test_image_grid_places_each_image_in_its_tile():
 
 
 def test_score_arrows_are_the_normalised_score():
-    g = Gaussian([1.0, -1.0], 0.5)
+    g = Gaussian([1.0, -1.0], std=0.5)
     fig, ax = plt.subplots()
     q = plot_score_field(ax, oracle_score(g), lim=2.0, n=7)
     X, Y, pts = grid_2d(2.0, 7)
@@ -60,7 +60,7 @@ def test_a_float32_network_can_be_drawn():
 
 
 def test_density_contours_reach_the_peak_and_samples_need_2d():
-    g = Gaussian([0.0, 0.0], 1.0)
+    g = Gaussian([0.0, 0.0], std=1.0)
     fig, ax = plt.subplots()
     cs = plot_density(ax, g.log_prob, lim=3.0, n=101)
     assert cs.levels.max() >= 1 / (2 * np.pi) * 0.99       # the peak density 1/(2 pi) lies within the levels

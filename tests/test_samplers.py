@@ -57,7 +57,7 @@ def test_langevin_1d_stationary_variance_has_the_closed_form_bias(eps):
     g = torch.Generator().manual_seed(1)
     n = 40_000
     # contraction per step 1 - eps/s^2 <= 0.8: 100 steps forget the start to 0.8^100 ~ 2e-10
-    x = langevin(oracle_score(Gaussian([0.0], math.sqrt(s2))), torch.zeros(n, 1, dtype=F64), eps, 100, generator=g)
+    x = langevin(oracle_score(Gaussian([0.0], std=math.sqrt(s2))), torch.zeros(n, 1, dtype=F64), eps, 100, generator=g)
     predicted = s2 / (1 - eps / (2 * s2))
     var = float(x.var())
     se = predicted * math.sqrt(2 / n)
@@ -80,7 +80,7 @@ def test_langevin_one_step_follows_the_update_rule():
 
 
 def test_langevin_trajectory_shape_and_reproducibility():
-    score = oracle_score(Gaussian([0.0, 0.0], 1.0))
+    score = oracle_score(Gaussian([0.0, 0.0], std=1.0))
     x0 = torch.zeros(5, 2, dtype=F64)
     x, traj = langevin(score, x0, 0.1, 7, generator=torch.Generator().manual_seed(3), return_trajectory=True)
     assert traj.shape == (8, 5, 2) and torch.equal(traj[0], x0) and torch.equal(traj[-1], x)

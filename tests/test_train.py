@@ -57,7 +57,7 @@ def test_warmup_and_ema_follow_their_formulas():
 def test_one_loop_trains_two_losses_towards_the_exact_score():
     # the same loop minimises the continuous-time SDE loss and the discrete NCSN loss;
     # both bring a ScoreMLP close to the closed-form score of a 2-D Gaussian.
-    dist = Gaussian(torch.tensor([1.0, -1.0]), torch.tensor([0.5, 1.5]))
+    dist = Gaussian(torch.tensor([1.0, -1.0]), std=torch.tensor([0.5, 1.5]))
     x = dist.sample(4096, generator=torch.Generator().manual_seed(0)).float()
     sde = VPSDE()
     sigmas = geometric_sigmas(3.0, 0.1, 10).float()
