@@ -5,7 +5,8 @@ freely. Densities are drawn with :data:`CMAP`; score fields as arrows over the d
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import io
+from typing import Any, Callable, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -25,6 +26,8 @@ __all__ = [
     "plot_samples",
     "image_grid",
     "show_images",
+    "explorer",
+    "render_png",
 ]
 
 CMAP = "viridis"          #: the one colour map used for every density in the book
@@ -150,3 +153,56 @@ def show_images(ax, x: Tensor | np.ndarray, nrow: int | None = None, value_range
     ax.set_yticks([])
     if title:
         ax.set_title(title)
+
+
+# ----- interactive explorers ----------------------------------------------------------------
+def render_png(fig, dpi: float | None = None) -> bytes:
+    """Render a matplotlib figure to PNG bytes and close it (so it is not shown a second time)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def explorer(draw: Callable[..., Any], **controls: Any):
+    """An ipywidgets explorer for Jupyter: ``draw(**values)`` is redrawn whenever a control moves.
+
+    ``draw`` takes one keyword argument per control and returns a matplotlib ``Figure``; each
+    control is an ipywidgets value widget (``FloatSlider``, ``IntSlider``, ``Dropdown``, ...)
+    named like the argument it sets. Returns the widget (a ``VBox``: the controls, then the picture);
+    make it the last expression of a cell to display it.
+
+    The picture is an ``ipywidgets.Image`` holding the figure rendered to PNG, not an ``Output``
+    widget. That matters when a notebook is executed headless (the book build, nbval): for an
+    ``Output`` widget, nbclient imitates a front end and sends ``comm_msg`` updates to the kernel
+    through jupyter_client's ``Session.send``, which writes to a synchronous *shadow* of the
+    asyncio shell socket. That write can consume the ZMQ file descriptor's edge-triggered
+    notification of the cell's ``execute_reply`` behind pyzmq's back, so nbclient's pending poll is
+    never woken and the cell "hangs" for the whole execution timeout, then succeeds. With an
+    ``Image`` the client never writes to the kernel during a cell, so that race cannot occur.
+    """
+    import ipywidgets as widgets
+
+    if not callable(draw):
+        raise TypeError(f"draw must be a callable returning a matplotlib Figure, got {type(draw).__name__}")
+    if not controls:
+        raise ValueError("explorer needs at least one control, e.g. sigma=widgets.FloatSlider(...)")
+    for name, w in controls.items():
+        if not isinstance(w, widgets.ValueWidget):
+            raise TypeError(f"control {name!r} must be an ipywidgets value widget (FloatSlider, IntSlider, "
+                            f"Dropdown, ...), got {type(w).__name__}")
+        if not w.description:
+            w.description = name
+        w.style.description_width = "initial"
+    image = widgets.Image(format="png")
+
+    def redraw(*_: Any) -> None:
+        fig = draw(**{name: w.value for name, w in controls.items()})
+        if fig is None or not hasattr(fig, "savefig"):
+            raise TypeError(f"draw must return a matplotlib Figure, got {type(fig).__name__}")
+        image.value = render_png(fig)
+
+    for w in controls.values():
+        w.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([widgets.HBox(list(controls.values()), layout=widgets.Layout(flex_flow="row wrap")), image])

@@ -68,3 +68,48 @@ def test_density_contours_reach_the_peak_and_samples_need_2d():
         plot_samples(ax, torch.zeros(5, 3))
     show_images(ax, torch.rand(4, 1, 8, 8), title="ok")
     plt.close(fig)
+
+
+# ----- the explorer ------------------------------------------------------------------------
+def test_explorer_redraws_on_every_control_change_without_an_output_widget():
+    ipywidgets = pytest.importorskip("ipywidgets")
+    from scorebook.plotting import explorer
+
+    calls = []
+    plt.close("all")
+
+    def draw(sigma, n):
+        calls.append((sigma, n))
+        fig, ax = plt.subplots(figsize=(2, 2))
+        ax.plot(range(n), [sigma] * n)
+        return fig
+
+    s = ipywidgets.FloatSlider(value=0.5, min=0.1, max=2.0)
+    k = ipywidgets.IntSlider(value=3, min=2, max=9)
+    box = explorer(draw, sigma=s, n=k)
+    image = box.children[1]
+    assert isinstance(image, ipywidgets.Image) and image.value[:8] == b"\x89PNG\r\n\x1a\n"
+    first = image.value
+    s.value = 1.5
+    k.value = 7
+    assert calls == [(0.5, 3), (1.5, 3), (1.5, 7)]
+    assert image.value != first
+    # no Output widget anywhere: nbclient would answer it through the kernel's shell socket
+    def walk(w):
+        yield w
+        for c in getattr(w, "children", ()):
+            yield from walk(c)
+    assert not any(isinstance(w, ipywidgets.Output) for w in walk(box))
+    assert plt.get_fignums() == []          # every rendered figure was closed, none left to show twice
+
+
+def test_explorer_rejects_bad_controls_and_draws():
+    ipywidgets = pytest.importorskip("ipywidgets")
+    from scorebook.plotting import explorer
+
+    with pytest.raises(ValueError, match="at least one control"):
+        explorer(lambda: None)
+    with pytest.raises(TypeError, match="control 'sigma' must be an ipywidgets value widget"):
+        explorer(lambda sigma: None, sigma=0.5)
+    with pytest.raises(TypeError, match="must return a matplotlib Figure"):
+        explorer(lambda sigma: None, sigma=ipywidgets.FloatSlider())
