@@ -87,7 +87,7 @@ class ImageTransform:
 class TensorData:
     """An in-memory data set for :func:`scorebook.train.train`.
 
-    ``x`` holds all examples (N, *shape). ``transform(batch, generator)`` (optional) runs on
+    ``x`` holds all examples ``(N, *shape)``. ``transform(batch, generator)`` (optional) runs on
     each batch, e.g. an :class:`ImageTransform`; its randomness comes from ``generator`` so
     that training can be resumed exactly.
     """
