@@ -516,7 +516,7 @@ def _torch_load(f, map_location, path: Path) -> Any:
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
 
-def check_finite_state(state: dict, what: str, path: str | Path) -> None:
+def _check_finite_state(state: dict, what: str, path: str | Path) -> None:
     """Refuse a state dict holding NaN or infinite values, naming the first such entry."""
     for k, v in state.items():
         if isinstance(v, Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
@@ -621,7 +621,7 @@ def _load_model_state(module: nn.Module, state: dict, what: str, path: str) -> N
         detail = " ".join(line.strip() for line in str(e).splitlines()[:3] if line.strip())
         raise CheckpointError(f"the {what} in checkpoint {path!r} does not fit this model: "
                               f"{detail[:400]}") from e
-    check_finite_state(state, what, path)
+    _check_finite_state(state, what, path)
 
 
 # ----- stopping on a signal --------------------------------------------------------------------
