@@ -21,9 +21,10 @@ with 1. No error prints a Python traceback. Ctrl-C (SIGINT) or SIGTERM during tr
 checkpoint at the current step and prints one line with the command that resumes (exit 130 or 143).
 
 Threads: ``--threads`` sets torch's CPU threads. Without it the CLI uses one thread for the MLP
-(the 2d preset), whose layers are too small to gain from more: on a 2-core machine with one
-competing process the default two threads made it about 25x slower (see the README), and
-torch's default for the U-Nets.
+(the 2d preset), whose layers are too small to gain from more: on a shared 2-core machine two
+threads made it more than ten times slower (measured in the README). The U-Nets get torch's
+default, capped at the cores not already busy (the usable CPUs less the 1-minute load average,
+at least one): threads that wait for a busy core stall every step.
 """
 from __future__ import annotations
 
@@ -279,7 +280,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m scorebook", description="Train, sample and evaluate score-based models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,nll}")
     threads = ("torch CPU threads (default: 1 for the 2d preset's MLP, which is too small to gain from more; "
-               "torch's default for the U-Nets)")
+               "for the U-Nets torch's default, capped at the cores the load average leaves free)")
     device = "cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)"
 
     tr = sub.add_parser("train", help="train a preset (runs under torchrun too)",
@@ -353,12 +354,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _default_threads(kind: str) -> int:
+    """One thread for the MLP; for the U-Nets torch's default, but no more than the cores not already
+    busy (the CPUs this process may use, less the 1-minute load average; at least one)."""
+    if kind == "mlp":
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows
+        busy = 0.0
+    return max(1, min(torch.get_num_threads(), cpus - round(busy)))
+
+
 def _set_threads(requested: int | None, kind: str) -> None:
-    """``--threads`` if given; else one thread for the MLP, torch's default for the U-Nets (see the module docstring)."""
-    if requested is not None:
-        torch.set_num_threads(requested)
-    elif kind == "mlp":
-        torch.set_num_threads(1)
+    """``--threads`` if given, else :func:`_default_threads` (see the module docstring)."""
+    torch.set_num_threads(requested if requested is not None else _default_threads(kind))
 
 
 def _check_writable(folder: Path, option: str, parser) -> None:
@@ -488,14 +502,17 @@ def _restore(path: Path, device: str | None, parser) -> _Restored:
         net = _from_dict(NetSpec, meta["net"], "meta['net']")
         sde = build_sde(_from_dict(SDESpec, meta["sde"], "meta['sde']"))
         data = _from_dict(DataSpec, meta.get("data", {}), "meta['data']")
-        image_hw = _image_hw(meta, data) if net.kind == "unet" else None
+        if data.source not in ("toy", "digits", "images") or data.toy not in TOY_NAMES:
+            raise ValueError(f"meta['data'] names an unknown source {data.source!r} or toy {data.toy!r}")
+        ImageTransform(2, data.value_range)  # checks the value range
         n = net_parameters(net, sde)
-    except (ValueError, TypeError) as e:
+        if n > MAX_NET_PARAMETERS:
+            parser.error(f"--checkpoint: {str(path)!r} asks for a network of {n:,} parameters ({4 * n / 1e9:,.1f} GB "
+                         f"in float32); scorebook builds at most {MAX_NET_PARAMETERS:,} from a checkpoint, so the file "
+                         "is crafted or damaged")
+        image_hw = _image_hw(meta, data) if net.kind == "unet" else None
+    except (ValueError, TypeError, FileNotFoundError) as e:
         parser.error(f"--checkpoint: {str(path)!r} holds a malformed model description: {e}")
-    if n > MAX_NET_PARAMETERS:
-        parser.error(f"--checkpoint: {str(path)!r} asks for a network of {n:,} parameters ({4 * n / 1e9:,.1f} GB in "
-                     f"float32); scorebook builds at most {MAX_NET_PARAMETERS:,} from a checkpoint, so the file is "
-                     "crafted or damaged")
     model = build_net(net, sde)
     ema = ck["ema"]
     try:
@@ -512,6 +529,8 @@ def _image_hw(meta: dict, spec: DataSpec) -> tuple[int, int]:
     if spec.source == "digits":
         return (8, 8)
     hw = meta.get("image_hw")
+    if hw is None and not isinstance(meta.get("data_path"), str):
+        raise ValueError("meta['image_hw'] is missing, and there is no data_path to learn the image size from")
     if hw is None:  # an older checkpoint: read the data once to learn the size
         hw = list(load_images(meta["data_path"], key=meta.get("data_key"), layout=meta.get("layout")).shape[-2:])
     if not (isinstance(hw, (list, tuple)) and len(hw) == 2
