@@ -7,7 +7,7 @@ and every sampler takes either.
 
 Submodules follow the mathematics and are imported on first use
 (``scorebook.densities``, ``scorebook.sde``, ``scorebook.losses``, ``scorebook.samplers``,
-``scorebook.likelihood``, ``scorebook.metrics``, ``scorebook.energy``, ``scorebook.partition``,
+``scorebook.likelihood``, ``scorebook.metrics``, ``scorebook.notation``, ``scorebook.energy``, ``scorebook.partition``,
 ``scorebook.nets``, ``scorebook.data``, ``scorebook.train``, ``scorebook.plotting``,
 ``scorebook.cli``).
 """
@@ -18,7 +18,7 @@ from .contract import ScoreFn, as_time, default_device, evaluate_score
 __version__ = "0.1.0"
 __all__ = ["ScoreFn", "as_time", "default_device", "evaluate_score", "__version__"]
 
-_SUBMODULES = {"cli", "contract", "data", "densities", "energy", "likelihood", "losses", "metrics", "nets",
+_SUBMODULES = {"cli", "contract", "data", "densities", "energy", "likelihood", "losses", "metrics", "nets", "notation",
                "partition", "plotting", "samplers", "sde", "train"}
 
 
