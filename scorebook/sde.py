@@ -273,18 +273,18 @@ def geometric_sigmas(sigma_max: float, sigma_min: float, n: int) -> Tensor:
 __all__ += ["noise_to_time", "sigma_score"]
 
 
-def noise_to_time(sde: SDE, sigma: float | Tensor, iters: int = 100) -> Tensor:
+def noise_to_time(sde: SDE, sigma: float | Tensor, iters: int = 64) -> Tensor:
     """The time ``t`` at which the noise-to-signal ratio ``std(t) / a(t)`` of ``sde`` equals ``sigma``; (B,) float64.
 
     ``x_t / a(t) = x_0 + (std(t) / a(t)) z``, so ``t`` is where the SDE's kernel, rescaled by ``a(t)``, is
     NCSN's perturbation by noise of standard deviation ``sigma``. The ratio increases with ``t`` for the
-    VE, VP and sub-VP SDEs; we solve by bisection on ``[0, T]`` to float64 precision.
+    VE, VP and sub-VP SDEs; we solve by bisection on ``[0, T]``: 64 halvings reach float64 resolution.
     """
-    s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)
+    s = torch.as_tensor(sigma, dtype=torch.float64).detach().cpu().reshape(-1)
     if not torch.isfinite(s).all() or (s < 0).any():
         raise ValueError(f"sigma must be finite and >= 0, got {sigma!r}")
-    ratio = lambda t: sde.marginal_std(t) / sde.mean_coef(t)               # noqa: E731
-    top = float(ratio(sde.T))
+    ratio = lambda t: sde._std(t) / sde._mean_coef(t)                     # noqa: E731  (t validated below)
+    top = float(ratio(torch.tensor([sde.T], dtype=torch.float64)))
     if (s > top).any():
         raise ValueError(f"sigma must be at most std(T)/a(T) = {top:.6g} for {sde!r}, got max {float(s.max()):.6g}")
     lo, hi = torch.zeros_like(s), torch.full_like(s, sde.T)
@@ -303,7 +303,8 @@ def sigma_score(sde: SDE, score: ScoreFn) -> ScoreFn:
     """
     def score_sigma(y: Tensor, sigma: TimeLike) -> Tensor:
         sig = as_time(sigma, y)                                            # (B,)
-        t = noise_to_time(sde, sig.detach().double().cpu()).to(device=y.device, dtype=y.dtype)   # (B,)
+        levels, where = torch.unique(sig.detach().double().cpu(), return_inverse=True)   # usually one level
+        t = noise_to_time(sde, levels)[where].to(device=y.device, dtype=y.dtype)          # (B,)
         a = _bcast(sde.mean_coef(t).to(device=y.device, dtype=y.dtype), y)
         return a * evaluate_score(score, a * y, t)
 
