@@ -3,16 +3,16 @@ r"""Notation crosswalk: one diffusion, written in the vocabularies of five paper
 Every forward process in the package has the Gaussian kernel ``x_t = a(t) x_0 + std(t) eps``,
 ``eps ~ N(0, I)`` (:mod:`scorebook.sde`). Each paper names the same quantities differently:
 
-==============================  =======================================  ==============================================
-vocabulary                      its noise variable                       in terms of ``a(t)`` and ``std(t)``
-==============================  =======================================  ==============================================
-NCSN (Song & Ermon 2019)        ``sigma_i``; ``p_sigma = p_0 * N(0, s^2)``  VE time with ``std(t_i) = sigma_i`` (exact)
-VE SDE (Song et al. 2021)       ``sigma(t) = s_min (s_max / s_min)^t``   ``a = 1``, ``std = sqrt(sigma(t)^2 - s_min^2)``
-VP SDE (Song et al. 2021)       ``beta(t)``, linear in ``t``             ``a = exp(-int beta / 2)``, ``std^2 = 1 - a^2``
-DDPM (Ho et al. 2020)           ``beta_i``, ``alpha_bar_i = prod(1 - beta_j)``  ``beta_i ~ beta(t_i) / N``, ``alpha_bar_i ~ a(i/N)^2``
-EDM (Karras et al. 2022)        ``sigma``, ``x / a = x_0 + sigma eps``   ``sigma = std / a``
-DPM-Solver (Lu et al. 2022)     ``lambda`` (half log-SNR)                ``lambda = log(a / std) = -log sigma_EDM``
-==============================  =======================================  ==============================================
+===========================  ==============================================  ======================================================
+vocabulary                   its noise variable                              in terms of ``a(t)`` and ``std(t)``
+===========================  ==============================================  ======================================================
+NCSN (Song & Ermon 2019)     ``sigma_i``; ``p_sigma = p_0 * N(0, s^2)``      VE time with ``std(t_i) = sigma_i`` (exact)
+VE SDE (Song et al. 2021)    ``sigma(t) = s_min (s_max / s_min)^t``          ``a = 1``, ``std = sqrt(sigma(t)^2 - s_min^2)``
+VP SDE (Song et al. 2021)    ``beta(t)``, linear in ``t``                    ``a = exp(-int beta / 2)``, ``std^2 = 1 - a^2``
+DDPM (Ho et al. 2020)        ``beta_i``, ``alpha_bar_i = prod(1 - beta_j)``  ``beta_i ~ beta(t_i) / N``, ``alpha_bar_i ~ a(i/N)^2``
+EDM (Karras et al. 2022)     ``sigma``, ``x / a = x_0 + sigma eps``          ``sigma = std / a``
+DPM-Solver (Lu et al. 2022)  ``lambda`` (half log-SNR)                       ``lambda = log(a / std) = -log sigma_EDM``
+===========================  ==============================================  ======================================================
 
 and a network may predict any of four equivalent targets (each is an affine function of the others
 at fixed ``x_t`` and ``t``; the exact ones are posterior means):

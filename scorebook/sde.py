@@ -105,7 +105,7 @@ class SDE(ABC):
 
     def prior_sample(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
                      device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Draw from ``p_T = N(0, prior_std^2 I)``; shape (B, *shape)."""
+        """Draw from ``p_T = N(0, prior_std^2 I)``; shape ``(B, *shape)``."""
         if generator is not None and device is None:
             device = generator.device
         z = torch.randn(shape, generator=generator, device=device, dtype=dtype)

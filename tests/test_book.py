@@ -3,6 +3,7 @@ both the test run (nbval through conftest.py) and the book build (execution erro
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -76,6 +77,7 @@ def test_a_raising_cell_fails_the_book_build(tmp_path):
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     config.pop("bibtex_bibfiles", None)
     (tmp_path / "_config.yml").write_text(yaml.safe_dump(config))
+    shutil.copytree(ROOT / "_ext", tmp_path / "_ext")          # the book's local Sphinx extension
     (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: book/intro\nchapters:\n  - file: book/99_broken\n")
     jb = Path(sys.executable).with_name("jupyter-book")
     if not jb.exists():
@@ -83,3 +85,5 @@ def test_a_raising_cell_fails_the_book_build(tmp_path):
     res = subprocess.run([str(jb), "build", str(tmp_path), "-W", "--keep-going"], capture_output=True, text=True,
                          timeout=600)
     assert res.returncode != 0, res.stdout[-2000:]
+    # it failed because of the cell, not because of anything else about the scratch book
+    assert "this cell must fail the run" in res.stdout + res.stderr, (res.stdout + res.stderr)[-3000:]

@@ -1,0 +1,114 @@
+"""Sphinx extension for the scorebook build (loaded through ``sphinx.local_extensions`` in _config.yml).
+
+It does four small things the themes do not:
+
+* **Executed notebooks for download and Colab.** sphinx-book-theme copies each chapter's executed
+  notebook to ``_sources/<page>.ipynb`` and offers it in the download menu. We prepend one cell that
+  installs scorebook from the repository when it is missing (Colab, a fresh laptop), and point the
+  Colab button at that executed notebook on the published site's branch (``gh-pages``): Colab opens
+  ``.ipynb`` files from GitHub, not the MyST ``.md`` chapters. Both come from the one
+  ``repository`` setting in _config.yml.
+* **No duplicated inline scripts, no dead widget state.** sphinx-thebe and sphinx-togglebutton add
+  their inline configuration scripts twice (once with an empty file name, once with none), and the
+  duplicated ``const THEBE_JS_URL = ...`` throws "Identifier 'THEBE_JS_URL' has already been
+  declared" on every page. We keep one copy of each. The explorers' widget state (with their PNGs)
+  is dropped from the pages too: without a kernel it only adds weight.
+* **Wide display equations fit their column** (``static/scorebook-math.js``): after MathJax has
+  typeset a page, an equation wider than its column is scaled down (to at most 60 %), and only if it
+  still does not fit does it scroll; it is never cut off.
+* A light default colour mode (an empty one logs a JavaScript error on every page).
+* Nothing is fetched from a CDN: no widget manager (``nb_ipywidgets_js: {}`` in _config.yml) and
+  MathJax from ``sphinx-mathjax-offline``.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+STATIC = Path(__file__).parent / "static"
+PAGES_BRANCH = "gh-pages"  #: where ``ghp-import -n -p -f _build/html`` publishes the site (README)
+
+
+def _repo(app) -> tuple[str, str, str] | None:
+    """(org, repo, branch) from ``html_theme_options`` (jupyter-book fills it from ``repository``)."""
+    opts = app.config.html_theme_options or {}
+    url = (opts.get("repository_url") or "").rstrip("/")
+    m = re.match(r"https://github\.com/([^/]+)/([^/]+?)(?:\.git)?$", url)
+    if not m:
+        return None
+    return m.group(1), m.group(2), opts.get("repository_branch") or "main"
+
+
+def _fix_page(app, pagename, templatename, context, doctree) -> None:
+    # one copy of each inline script (sphinx-thebe's configuration can appear twice)
+    scripts = context.get("script_files")
+    if scripts:
+        seen, kept = set(), []
+        for js in scripts:
+            attrs = getattr(js, "attributes", None) or {}
+            if attrs.get("type") == "application/vnd.jupyter.widget-state+json":
+                continue            # widget state (PNG bytes and all) is useless without a kernel: drop it
+            key = (getattr(js, "filename", None) or None, attrs.get("body"))
+            if key != (None, None) and key in seen:
+                continue            # the same inline script twice (sphinx-thebe's, sphinx-togglebutton's)
+            seen.add(key)
+            kept.append(js)
+        scripts[:] = kept           # in place: extensions that add files later append to this same list
+    # the Colab button opens the executed notebook of this page on the published branch
+    repo = _repo(app)
+    if repo is None or "ipynb_source" not in context:
+        return
+    org, name, _ = repo
+    for group in context.get("header_buttons", []):
+        for button in group.get("buttons", []) if isinstance(group, dict) else []:
+            if button.get("text") == "Colab":
+                button["url"] = (f"https://colab.research.google.com/github/{org}/{name}/blob/{PAGES_BRANCH}/"
+                                 f"_sources/{context['ipynb_source']}")
+
+
+def _install_cell(app) -> dict | None:
+    repo = _repo(app)
+    if repo is None:
+        return None
+    org, name, branch = repo
+    src = ("# Runs anywhere: installs the scorebook package (and the book's requirements) only where it is missing,\n"
+           "# for example on Colab. In the book's own environment this cell does nothing.\n"
+           "try:\n"
+           "    import scorebook  # noqa: F401\n"
+           "except ImportError:\n"
+           f"    %pip install -q \"scorebook @ git+https://github.com/{org}/{name}@{branch}\" "
+           "jupytext myst-nb ipywidgets\n")
+    return {"cell_type": "code", "execution_count": None, "id": "scorebook-install",
+            "metadata": {"tags": ["scorebook-install"]}, "outputs": [], "source": src}
+
+
+def _finish(app, exception) -> None:
+    if exception is not None or app.builder.format != "html":
+        return
+    cell = _install_cell(app)
+    sources = Path(app.outdir) / "_sources"
+    for nb_path in sources.rglob("*.ipynb"):
+        nb = json.loads(nb_path.read_text(encoding="utf-8"))
+        if cell is not None and not any(c.get("id") == cell["id"] for c in nb.get("cells", [])):
+            nb["cells"].insert(0, cell)
+        nb.get("metadata", {}).pop("widgets", None)      # explorers run live; no stale widget state
+        nb_path.write_text(json.dumps(nb, indent=1, ensure_ascii=False), encoding="utf-8")
+
+
+def _config(app, config) -> None:
+    # an empty theme mode makes pydata-sphinx-theme log "Got invalid theme mode" on every page; the
+    # book's figures are drawn for a light background
+    ctx = dict(config.html_context or {})
+    ctx.setdefault("default_mode", "light")
+    config.html_context = ctx
+
+
+def setup(app):
+    app.connect("config-inited", _config)
+    app.connect("builder-inited", lambda app: app.config.html_static_path.append(str(STATIC)))
+    app.add_js_file("scorebook-math.js", defer="defer")
+    app.add_css_file("scorebook.css")
+    app.connect("html-page-context", _fix_page, priority=900)   # after sphinx-book-theme's buttons
+    app.connect("build-finished", _finish)
+    return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}
