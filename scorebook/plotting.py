@@ -6,6 +6,7 @@ freely. Densities are drawn with :data:`CMAP`; score fields as arrows over the d
 from __future__ import annotations
 
 import io
+import re
 from typing import Any, Callable, Sequence
 
 import matplotlib.pyplot as plt
@@ -16,6 +17,7 @@ from torch import Tensor
 from .energy import box_2d
 
 __all__ = [
+    "animation_html",
     "CMAP",
     "SAMPLE_COLOR",
     "FIELD_COLOR",
@@ -153,6 +155,32 @@ def show_images(ax, x: Tensor | np.ndarray, nrow: int | None = None, value_range
     ax.set_yticks([])
     if title:
         ax.set_title(title)
+
+
+# ----- animations ----------------------------------------------------------------------------
+_FONT_AWESOME = re.compile(r'<link rel="stylesheet"\s+href="https://[^"]*font-awesome[^"]*">')
+# the player's buttons as plain characters, so the page needs no icon font from a CDN
+_BUTTON_GLYPHS = """<style>
+.animation .fa { font-style: normal; font-family: system-ui, sans-serif; }
+.animation .fa-minus::before { content: "\\2212"; }
+.animation .fa-plus::before { content: "+"; }
+.animation .fa-play::before { content: "\\25B6"; }
+.animation .fa-pause::before { content: "\\2016"; }
+.animation .fa-fast-backward::before { content: "\\23EE"; }
+.animation .fa-fast-forward::before { content: "\\23ED"; }
+.animation .fa-step-backward::before { content: "\\25C0\\2502"; }
+.animation .fa-step-forward::before { content: "\\2502\\25B6"; }
+.animation .fa-flip-horizontal { display: inline-block; transform: scaleX(-1); }
+</style>
+"""
+
+
+def animation_html(anim, **kwargs: Any) -> str:
+    """``anim.to_jshtml(**kwargs)`` that works offline: the player's icon font (a CDN link) is replaced by
+    inline CSS that draws its buttons as characters, so the page makes no network request."""
+    html = anim.to_jshtml(**kwargs)
+    html, n = _FONT_AWESOME.subn("", html)
+    return _BUTTON_GLYPHS + html if n else html
 
 
 # ----- interactive explorers ----------------------------------------------------------------

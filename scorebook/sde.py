@@ -276,7 +276,7 @@ _BAND = 3.0 / math.sqrt(2.0)  # the norm of N(0, s^2 I_D) has standard deviation
 
 
 def max_pairwise_distance(x: Tensor, chunk: int = 1024) -> float:
-    """The largest Euclidean distance between two examples of ``x`` (N, *shape), computed exactly.
+    """The largest Euclidean distance between two examples of ``x`` ``(N, *shape)``, computed exactly.
 
     Technique 1 of Song & Ermon (2020) takes ``sigma_max`` about this large, so that the noisiest
     level can carry a sample from any training point to any other. Costs O(N^2 D) in chunks of

@@ -35,3 +35,10 @@ def test_no_text_below_nine_points_in_figures():
                  for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
                  if small.search(line)]
     assert offenders == [], offenders
+
+
+def test_animations_go_through_animation_html():
+    """Bare ``to_jshtml`` links an icon font on a CDN; ``scorebook.plotting.animation_html`` does not."""
+    offenders = [f"{p.name}:{i}" for p in _chapters()
+                 for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if "to_jshtml(" in line]
+    assert offenders == [], offenders

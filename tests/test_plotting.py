@@ -113,3 +113,24 @@ def test_explorer_rejects_bad_controls_and_draws():
         explorer(lambda sigma: None, sigma=0.5)
     with pytest.raises(TypeError, match="must return a matplotlib Figure"):
         explorer(lambda sigma: None, sigma=ipywidgets.FloatSlider())
+
+
+def test_animation_html_needs_no_network_and_keeps_every_button():
+    import re
+
+    import matplotlib
+    from matplotlib.animation import FuncAnimation
+
+    from scorebook.plotting import animation_html
+
+    matplotlib.use("Agg")
+    fig, ax = plt.subplots()
+    (line,) = ax.plot([0, 1], [0, 1])
+    anim = FuncAnimation(fig, lambda k: [line], frames=3)
+    raw = anim.to_jshtml()
+    html = animation_html(anim, default_mode="loop")
+    plt.close(fig)
+    assert "https://" in raw and "https://" not in html and "http://" not in html
+    # every icon class the player uses has a glyph in the inline style
+    icons = set(re.findall(r"fa-[a-z-]+", raw)) - {"fa-flip-horizontal"}
+    assert icons and all(f".{c}::before" in html for c in icons), icons
