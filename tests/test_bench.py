@@ -1,6 +1,7 @@
 """The benchmark suite: the quick mode runs whole and its numbers are sane (never absolute times)."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -134,3 +135,17 @@ def test_settings_and_command_line_refuse_bad_input(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.main(["--threads", "0"])
+
+
+PEER = os.environ.get("SCOREBOOK_PEER_PYTHON", "/work/benchenv/bin/python")
+
+
+@pytest.mark.skipif(not os.path.exists(PEER), reason="no peer environment (set SCOREBOOK_PEER_PYTHON)")
+def test_peer_subprocess_trains_on_a_cpu_budget_and_returns_samples(tmp_path):
+    v = bench.peer_version(PEER)
+    assert "smalldiffusion" in v and "torch" in v
+    res = bench.run_peer(PEER, "song_ermon", bench.PEER_README, 0, 0.5, [2, 5], 64, tmp_path, max_steps=3)
+    assert res["steps"] == 3 and res["n_params"] > 0
+    for nfe in ("2", "5"):
+        x = res["samples"][nfe]
+        assert x.shape == (64, 2) and torch.isfinite(x).all()
