@@ -15,6 +15,8 @@ For an exponential family the implicit loss is quadratic in the parameters and
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -30,6 +32,10 @@ __all__ = [
     "ncsn_loss",
     "sde_loss",
     "exponential_family_score_matching",
+
+    "sample_times",
+    "log_snr_range",
+    "T_SAMPLINGS",
 ]
 
 
@@ -144,26 +150,80 @@ def ncsn_loss(score: ScoreFn, x: Tensor, sigmas: Tensor, generator: torch.Genera
     return 0.5 * _sq(_bcast(sig, x) * s + z).mean()
 
 
+T_SAMPLINGS = ("uniform", "log_snr")
+
+
+def sample_times(sde: SDE, n: int, t_sampling: str = "uniform", eps: float = 1e-5,
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> Tensor:
+    """``n`` training times in ``[eps, T]``; (n,).
+
+    ``"uniform"``: ``t ~ U(eps, T)``. ``"log_snr"``: ``log sigma(t)`` uniform on ``[log sigma(eps), log sigma(T)]``,
+    where ``sigma = std / a`` is EDM's noise level (:func:`scorebook.notation.edm_sigma`), i.e. the log
+    signal-to-noise ratio is uniform (Kingma et al. 2021). Because ``d/dt log sigma(t)^2 = g(t)^2 / std(t)^2``
+    for every SDE here, its density is ``p(t) = g^2 / (std^2 Z)`` with ``Z = log(sigma(T)^2 / sigma(eps)^2)``:
+    the importance distribution of Song et al. (2021b) for the likelihood weighting.
+    """
+    if t_sampling not in T_SAMPLINGS:
+        raise ValueError(f"t_sampling must be one of {T_SAMPLINGS}, got {t_sampling!r}")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    sde.check_eps(eps)
+    u = torch.rand(n, generator=generator, device=device, dtype=dtype)                 # (n,) in [0, 1)
+    if t_sampling == "uniform":
+        return eps + (sde.T - eps) * u
+    from .notation import edm_sigma, edm_time
+
+    lo, hi = (float(v) for v in torch.log(edm_sigma(sde, [eps, sde.T])))             # log sigma at both ends
+    work = torch.float32 if u.device.type == "mps" else torch.float64                  # MPS has no float64
+    log_sigma = lo + (hi - lo) * u.to(work)
+    t = edm_time(sde, torch.exp(log_sigma).cpu()).to(device=u.device, dtype=dtype)
+    return t.clamp(eps, sde.T)                                                        # rounding stays inside
+
+
+def log_snr_range(sde: SDE, eps: float = 1e-5) -> float:
+    """``Z = log(sigma(T)^2 / sigma(eps)^2)``, the normaliser of the ``"log_snr"`` time density; a number."""
+    from .notation import edm_sigma
+
+    sde.check_eps(eps)
+    lo, hi = edm_sigma(sde, [eps, sde.T]).tolist()
+    return 2.0 * math.log(hi / lo)
+
+
 def sde_loss(score: ScoreFn, x: Tensor, sde: SDE, likelihood_weighting: bool = False, eps: float = 1e-5,
-             generator: torch.Generator | None = None) -> Tensor:
-    """Continuous-time DSM of Song et al. (2021), eq. (7), with ``t ~ U(eps, T)``.
+             generator: torch.Generator | None = None, t_sampling: str = "uniform") -> Tensor:
+    """Continuous-time DSM of Song et al. (2021), eq. (7).
 
     ``x_t = a(t) x + std(t) z``; with ``lambda(t) = std(t)^2`` the per-sample loss is
     ``1/2 ||std s(x_t, t) + z||^2``. With ``likelihood_weighting`` it is ``lambda(t) = g(t)^2``,
     i.e. ``1/2 g^2/std^2 ||std s + z||^2``, whose integral bounds the negative log-likelihood
     (Song et al. 2021b).
+
+    ``t_sampling`` (see :func:`sample_times`) picks the training times. ``"uniform"`` (the default),
+    ``t ~ U(eps, T)``, averages the weighted loss over ``[eps, T]``. ``"log_snr"`` draws ``log sigma(t)``
+    uniformly, which puts as many draws on each decade of noise level as on any other (the VP SDE with uniform
+    ``t`` puts about 1% of them below ``sigma = 0.05``, where the fine detail of the data is learned):
+
+    * without ``likelihood_weighting`` the per-sample loss stays ``1/2 ||std s + z||^2``; since the density of
+      ``t`` is ``g^2 / (std^2 Z)``, its expectation is the likelihood-weighted objective divided by ``Z``
+      (Song et al. 2021b's importance-sampled maximum-likelihood training, up to that constant);
+    * with ``likelihood_weighting`` each sample is weighted by ``g^2 / (std^2 p(t) (T - eps)) = Z / (T - eps)``,
+      so the loss has the same expectation as with ``"uniform"``, at a far smaller variance.
     """
     x = _check_batch(x)
     sde.check_eps(eps)
     b = x.shape[0]
-    t = eps + (sde.T - eps) * torch.rand(b, generator=generator, device=x.device, dtype=x.dtype)  # (B,)
+    t = sample_times(sde, b, t_sampling, eps, generator, x.device, x.dtype)            # (B,)
     z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     mean, std = sde.marginal(x, t)
     x_t = mean + _bcast(std, x) * z
     s = evaluate_score(score, x_t, t)
     per_sample = 0.5 * _sq(_bcast(std, x) * s + z)                            # (B,)
     if likelihood_weighting:
-        per_sample = per_sample * sde._diffusion(t) ** 2 / std ** 2
+        if t_sampling == "uniform":
+            per_sample = per_sample * sde._diffusion(t) ** 2 / std ** 2
+        else:  # importance weight g^2 / (std^2 p(t) (T - eps)), a constant
+            per_sample = per_sample * (log_snr_range(sde, eps) / (sde.T - eps))
     return per_sample.mean()
 
 

@@ -165,10 +165,10 @@ class ScoreMLP(_Conditioned):
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"ScoreMLP expects x of shape (B, {self.dim}), got {tuple(x.shape)}")
         self._check_dtype(x)
-        emb = self.t_mlp(self.embed(self._time_input(t, x)))  # (B, H)
+        emb = F.silu(self.t_mlp(self.embed(self._time_input(t, x))))  # (B, H), activated once for every block
         h = self.inp(x)  # (B, H)
         for blk in self.blocks:
-            u = blk["fc1"](F.silu(blk["norm"](h))) + blk["temb"](F.silu(emb))
+            u = blk["fc1"](F.silu(blk["norm"](h))) + blk["temb"](emb)
             h = h + blk["fc2"](F.silu(u))
         out = self.out(h)  # (B, D)
         div = self._divisor(t, x)

@@ -10,7 +10,7 @@ import torch
 from scipy import integrate
 
 from scorebook.densities import Gaussian, GaussianMixture, oracle_score
-from scorebook.losses import (denoising_score_matching, explicit_score_matching, implicit_score_matching,
+from scorebook.losses import (log_snr_range, sample_times, denoising_score_matching, explicit_score_matching, implicit_score_matching,
                               jacobian_trace, ncsn_loss, sde_loss, sliced_score_matching)
 from scorebook.sde import VESDE, VPSDE, SubVPSDE, geometric_sigmas
 
@@ -234,6 +234,86 @@ def test_sde_loss_of_the_oracle_matches_the_time_integral(sde, likelihood_weight
                      likelihood_weighting=likelihood_weighting, eps=eps, generator=g) for _ in range(20)]
     mean, se = chunk_stats(vals)
     assert abs(mean - ref) < 4 * se, (mean, ref, se)
+
+
+# ----- log-SNR (importance) time sampling -----------------------------------------------------
+SDES = [VESDE(0.01, 10.0), VPSDE(), SubVPSDE()]
+
+
+@pytest.mark.parametrize("sde", SDES, ids=repr)
+def test_log_snr_times_have_uniform_log_sigma(sde):
+    """With t_sampling="log_snr", u = (log sigma(t) - log sigma(eps)) / (log sigma(T) - log sigma(eps)) is U(0, 1):
+    its Kolmogorov-Smirnov distance to U(0, 1) at n = 20000 is below the 0.1% critical value 1.95 / sqrt(n)."""
+    from scorebook.notation import edm_sigma
+
+    eps, n = 1e-3, 20_000
+    t = sample_times(sde, n, "log_snr", eps=eps, generator=torch.Generator().manual_seed(21), dtype=F64)
+    assert t.shape == (n,) and t.dtype == F64 and float(t.min()) >= eps and float(t.max()) <= sde.T
+    lo, hi = torch.log(edm_sigma(sde, [eps, sde.T]))
+    u = torch.sort((torch.log(edm_sigma(sde, t)) - lo) / (hi - lo)).values
+    grid = torch.arange(1, n + 1, dtype=F64) / n
+    ks = float(torch.maximum((grid - u).abs(), (grid - 1 / n - u).abs()).max())
+    assert ks < 1.95 / math.sqrt(n), ks
+    # uniform sampling is far from uniform in log sigma (the check can fail)
+    t_u = sample_times(sde, n, "uniform", eps=eps, generator=torch.Generator().manual_seed(21), dtype=F64)
+    u_u = torch.sort((torch.log(edm_sigma(sde, t_u)) - lo) / (hi - lo)).values
+    assert float((grid - u_u).abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("sde", SDES, ids=repr)
+def test_log_snr_range_is_the_integral_of_g2_over_std2(sde):
+    """Z = log(sigma(T)^2 / sigma(eps)^2) equals int_eps^T g^2 / std^2 dt, so p(t) = g^2 / (std^2 Z) is a density."""
+    eps = 1e-3
+
+    def ratio(t):
+        tt = torch.tensor([t], dtype=F64)
+        return float(sde.diffusion(tt)) ** 2 / float(sde.marginal_std(tt)) ** 2
+
+    ref = integrate.quad(ratio, eps, sde.T, limit=200, points=[0.01, 0.1])[0]
+    assert log_snr_range(sde, eps) == pytest.approx(ref, rel=1e-6)
+
+
+@pytest.mark.parametrize("sde", SDES, ids=repr)
+@pytest.mark.parametrize("likelihood_weighting", [False, True])
+def test_log_snr_sde_loss_of_the_oracle_matches_the_time_integral(sde, likelihood_weighting):
+    """At the oracle, per-time loss L(t) = 1/2 (D - std^2 tr(C_t^{-1})). With "log_snr" the unweighted loss has
+    expectation int p(t) L(t) dt = int g^2/std^2 L dt / Z; the likelihood-weighted one has the same expectation
+    as with uniform t, int g^2/std^2 L dt / (T - eps), at a smaller variance."""
+    g = torch.Generator().manual_seed(22)
+    cov = torch.tensor([[1.0, 0.4], [0.4, 0.6]], dtype=F64)
+    p = Gaussian([1.0, -1.0], cov)
+    eps = 0.05
+
+    def integrand(t):
+        tt = torch.tensor([t], dtype=F64)
+        a, std, g2 = float(sde.mean_coef(tt)), float(sde.marginal_std(tt)), float(sde.diffusion(tt)) ** 2
+        c = a * a * cov + std * std * torch.eye(2, dtype=F64)
+        return 0.5 * (2 - std * std * float(torch.trace(torch.linalg.inv(c)))) * g2 / std ** 2
+
+    weighted = integrate.quad(integrand, eps, 1.0, limit=200)[0]
+    ref = weighted / (1.0 - eps) if likelihood_weighting else weighted / log_snr_range(sde, eps)
+
+    def chunks(t_sampling):
+        return [sde_loss(oracle_score(p, sde), p.sample(2000, generator=g), sde, likelihood_weighting,
+                         eps=eps, generator=g, t_sampling=t_sampling) for _ in range(20)]
+
+    vals = chunks("log_snr")
+    mean, se = chunk_stats(vals)
+    assert abs(mean - ref) < 4 * se, (mean, ref, se)
+    if likelihood_weighting:  # the importance-sampled estimate is the less noisy one
+        _, se_uniform = chunk_stats(chunks("uniform"))
+        assert se < se_uniform, (se, se_uniform)
+
+
+def test_sample_times_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="t_sampling must be one of"):
+        sample_times(VPSDE(), 4, "lognormal")
+    with pytest.raises(ValueError, match="t_sampling must be one of"):
+        sde_loss(lambda y, t: -y, torch.randn(4, 2), VPSDE(), t_sampling="bogus")
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        sample_times(VPSDE(), 0)
+    with pytest.raises(ValueError, match="eps must lie in"):
+        sample_times(VPSDE(), 4, "log_snr", eps=0.0)
 
 
 # ----- the seed's 1-D example -----------------------------------------------------------------
