@@ -83,13 +83,38 @@ def _install_cell(app) -> dict | None:
             "metadata": {"tags": ["scorebook-install"]}, "outputs": [], "source": src}
 
 
+def _with_cached_outputs(app, nb: dict) -> dict:
+    """The notebook with its outputs. myst-nb writes a page's notebook without outputs when it takes them from
+    the execution cache (it renders the merged copy but saves the unmerged one), so a rebuild would offer
+    output-less downloads; merge them back from the same cache."""
+    code = [c for c in nb.get("cells", []) if c.get("cell_type") == "code"]
+    cache_dir = getattr(app.config, "nb_execution_cache_path", "") or ""
+    if not code or any(c.get("outputs") for c in code) or not cache_dir or not Path(cache_dir).is_dir():
+        return nb
+    import nbformat
+    from jupyter_cache import get_cache
+
+    node = nbformat.reads(json.dumps(nb), as_version=4)
+    try:
+        _, merged = get_cache(cache_dir).merge_match_into_notebook(node)
+    except KeyError:                      # not in the cache (execution off, or the cache was cleared)
+        return nb
+    return json.loads(nbformat.writes(merged))
+
+
 def _finish(app, exception) -> None:
     if exception is not None or app.builder.format != "html":
         return
     cell = _install_cell(app)
     sources = Path(app.outdir) / "_sources"
+    executed = Path(app.outdir).parent / "jupyter_execute"
     for nb_path in sources.rglob("*.ipynb"):
         nb = json.loads(nb_path.read_text(encoding="utf-8"))
+        nb["cells"] = [c for c in nb.get("cells", []) if c.get("id") != "scorebook-install"]
+        nb = _with_cached_outputs(app, nb)
+        twin = executed / nb_path.relative_to(sources)       # myst-nb's own copy, same fix
+        if twin.is_file():
+            twin.write_text(json.dumps(nb, indent=1, ensure_ascii=False), encoding="utf-8")
         if cell is not None and not any(c.get("id") == cell["id"] for c in nb.get("cells", [])):
             nb["cells"].insert(0, cell)
         nb.get("metadata", {}).pop("widgets", None)      # explorers run live; no stale widget state

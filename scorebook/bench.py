@@ -76,6 +76,7 @@ class Settings:
     cost_steps: int                   # timed training steps per throughput figure
     train_seeds: int = 2              # training seeds per (data set, time sampling): the learned repeats
     kde_max_train: int = 1437         # training points of the digits KDE
+    digits_model_test: int = 359      # test images the shipped digits model is scored on (all 359 in full mode)
 
     def __post_init__(self) -> None:
         if self.train_cpu_s != max(self.nll_marks_s):
@@ -86,7 +87,8 @@ class Settings:
 
 QUICK = Settings("quick", n_samples=300, nfes=(5, 20, 200), repeats=2, train_cpu_s=2.0, nll_marks_s=(2.0,),
                  nll_points=30, rtols=(1e-3, 1e-5), rk4_steps=(10, 35), train_toys=("song_ermon",),
-                 alloc_toys=("song_ermon",), peer_toys=("song_ermon",), peer_nfes=(20,), cost_steps=20)
+                 alloc_toys=("song_ermon",), peer_toys=("song_ermon",), peer_nfes=(20,), cost_steps=20,
+                 digits_model_test=4)
 FULL = Settings("full", n_samples=600, nfes=(5, 10, 20, 50, 100, 200), repeats=3, train_cpu_s=20.0,
                 nll_marks_s=(5.0, 10.0, 20.0), nll_points=200, rtols=(1e-2, 1e-3, 1e-4, 1e-5, 1e-6),
                 rk4_steps=(5, 10, 20, 37, 75), train_toys=("song_ermon", "8gaussians", "swiss_roll"),
@@ -355,12 +357,36 @@ def bench_digits(s: Settings, log: Callable[[str], None]) -> dict:
     grid = [0.03, 0.05, 0.07, 0.1, 0.14, 0.2, 0.28, 0.4]
     h = max(grid, key=lambda b: float(kde_logp(fit, val, b).mean()))
     bpd_kde = float(discrete_bpd(kde_logp(ytr[:n_fit], yte, h), dim, k).mean())
-    model = {"measured": False, "why": "no shipped digits model on this branch (scorebook.pretrained and "
-             "book/data/digits_unet.pt live on branch 'images')"}
     log("digits: baselines done")
+    model = _digits_model_bpd(yte, k, s.digits_model_test, bpd_gauss_per=discrete_bpd(gauss.log_prob(yte), dim, k))
+    log("digits: model done")
     return {"n_train": int(ytr.shape[0]), "n_test": int(yte.shape[0]), "gaussian_bpd": bpd_gauss, "kde_bpd": bpd_kde,
             "kde_bandwidth": h, "model": model, "target_bpd": 1.5,
             "note": "single dequantization draw per set; the baselines are deterministic given it"}
+
+
+DIGITS_MODEL = Path(__file__).resolve().parents[1] / "book" / "data" / "digits_unet.pt"
+
+
+def _digits_model_bpd(y_test: Tensor, k: int, n: int, bpd_gauss_per: Tensor) -> dict:
+    """Test bits/dim of the shipped digits model (chapter 13) on the first ``n`` of the same dequantized test
+    points as the baselines, with the paired difference to the full-covariance Gaussian on those points."""
+    if not DIGITS_MODEL.is_file():
+        return {"measured": False, "why": f"no digits model at {DIGITS_MODEL}"}
+    from .likelihood import discrete_bpd, log_likelihood
+    from .pretrained import load_model
+
+    model, sde, meta = load_model(DIGITS_MODEL)
+    z = (2 * y_test[:n] - 1).to(torch.float32).reshape(-1, 1, 8, 8)          # [0, 1) -> the model's [-1, 1)
+    cpu0 = time.process_time()
+    ll = log_likelihood(sde, model, z, trace="hutchinson", rtol=1e-4, atol=1e-4, generator=_gen(3))
+    bpd = discrete_bpd(ll.nats.double(), 64, k, scale=2.0)                     # (n,)
+    diff = bpd - bpd_gauss_per[:n]                                            # paired on the same points
+    se = lambda v: float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else float("nan")  # noqa: E731
+    return {"measured": True, "bpd": float(bpd.mean()), "bpd_se": se(bpd), "n_test": int(n),
+            "minus_gaussian": float(diff.mean()), "minus_gaussian_se": se(diff), "nfe": int(ll.nfe),
+            "cpu_s": time.process_time() - cpu0, "file": "book/data/digits_unet.pt", "command": meta["command"],
+            "trace": "hutchinson, one Rademacher probe per image; dopri5 rtol = atol = 1e-4"}
 
 
 # ----- 4. the peer ------------------------------------------------------------------------------

@@ -92,6 +92,9 @@ def test_learned_gaps_and_baselines_are_sane(quick):
             assert abs(mark["signed_gap"]["median"]) <= mark["mean_abs_gap"]["median"] + 1e-12
     d = quick["results"]["digits"]
     assert 1.0 < d["gaussian_bpd"] < 6.0 and 1.0 < d["kde_bpd"] < 8.0
+    m = d["model"]                              # the shipped digits model, on a few test images
+    assert m["measured"] and m["n_test"] == 4 and m["nfe"] > 0
+    assert 0.5 < m["bpd"] < d["gaussian_bpd"] + 0.5 and math.isfinite(m["minus_gaussian"])
     c = quick["results"]["cost"]
     assert c["scorebook_train_mlp_2d_preset"]["steps_per_cpu_s"]["median"] > 0
     if not torch.cuda.is_available():
