@@ -190,13 +190,24 @@ class ConditionalScoreMLP(ScoreMLP):
     A learned embedding of the label is added to the time embedding, so every residual block
     sees both. Label ``n_classes`` is the null label: ``y=None`` means "no label", the
     unconditional score (Ho & Salimans 2022 train both in one network by label dropout).
+
+    ``data_var=v`` (needs ``scale=sde``) adds the exact score of ``N(0, v I)`` data under the SDE,
+    ``-x / (a(t)^2 v + std(t)^2)``, so the network learns only the correction, in the spirit of the
+    skip connection of Karras et al. (2022). Near ``t = T`` that term is almost the whole score,
+    which keeps Tweedie's ``E[x_0 | x_t]`` (a division by the tiny ``a(T)``) and its Jacobian sane.
     """
 
-    def __init__(self, dim: int, n_classes: int, **kwargs):
+    def __init__(self, dim: int, n_classes: int, data_var: float | None = None, **kwargs):
         super().__init__(dim, **kwargs)
         if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
             raise ValueError(f"n_classes must be a positive integer, got {n_classes!r}")
+        if data_var is not None:
+            if not (isinstance(data_var, (int, float)) and math.isfinite(data_var) and data_var > 0):
+                raise ValueError(f"data_var must be None or a finite number > 0, got {data_var!r}")
+            if not isinstance(self.scale, SDE):
+                raise ValueError("data_var needs scale=<an SDE>: the Gaussian term uses a(t) and std(t)")
         self.n_classes = n_classes
+        self.data_var = None if data_var is None else float(data_var)
         hidden = self.t_mlp[-1].out_features
         self.label_embed = nn.Embedding(n_classes + 1, hidden)             # row n_classes: the null label
         nn.init.zeros_(self.label_embed.weight)                              # start as the unconditional net
@@ -218,7 +229,12 @@ class ConditionalScoreMLP(ScoreMLP):
             h = h + blk["fc2"](F.silu(u))
         out = self.out(h)                                                    # (B, D)
         div = self._divisor(t, x)
-        return out if div is None else out / div
+        out = out if div is None else out / div
+        if self.data_var is not None:                                        # + exact score of N(0, v I) at t
+            tt = as_time(t, x)
+            a, std = self.scale.mean_coef(tt).to(x.dtype), self.scale.marginal_std(tt).to(x.dtype)
+            out = out - x / _bcast(a ** 2 * self.data_var + std ** 2, x)
+        return out
 
 
 def cfg_loss(model: ConditionalScoreMLP, batch: Tensor, sde: SDE, p_uncond: float = 0.1, eps: float = 1e-5,
@@ -289,35 +305,45 @@ def tweedie_denoiser(sde: SDE, score: ScoreFn) -> Callable[[Tensor, TimeLike], T
     return denoise
 
 
-def dps_likelihood_score(sde: SDE, score: ScoreFn, A: Tensor, y: Tensor, noise_std: float) -> ScoreFn:
+def dps_likelihood_score(sde: SDE, score: ScoreFn, A: Tensor, y: Tensor, noise_std: float,
+                         clip: tuple[float, float] | None = None) -> ScoreFn:
     """DPS's likelihood score (Chung et al. 2023, Section 3): ``grad_x log N(y; A x0_hat(x_t), s^2 I)``.
 
     It replaces the exact ``p_t(y | x_t) = int p(y | x_0) p(x_0 | x_t) dx_0`` by the likelihood at
     the posterior mean ``x0_hat = E[x_0 | x_t]`` (:func:`tweedie_denoiser`), dropping the spread of
     ``p(x_0 | x_t)``. The gradient goes through the score network (one backward pass per call).
+    ``clip=(lo, hi)`` clamps ``x0_hat`` to the data range, as DPS's reference code does for images:
+    near ``t = T`` Tweedie divides by a tiny ``a(t)`` and magnifies a learned score's error.
     """
     if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std > 0):
         raise ValueError(f"noise_std must be a finite number > 0, got {noise_std!r}")
+    if clip is not None and not (len(clip) == 2 and clip[0] < clip[1]):
+        raise ValueError(f"clip must be None or a pair (lo, hi) with lo < hi, got {clip!r}")
     denoise = tweedie_denoiser(sde, score)
 
     def log_lik(x: Tensor, t: TimeLike) -> Tensor:
         a_mat, yy = _check_operator(A, y, x)
-        resid = yy - _flat(denoise(x, t)) @ a_mat.T                           # (B, M)  y - A x0_hat
+        x0_hat = denoise(x, t)                                                 # (B, ...) E[x_0 | x_t]
+        if clip is not None:
+            x0_hat = x0_hat.clamp(*clip)
+        resid = yy - _flat(x0_hat) @ a_mat.T                                   # (B, M)  y - A x0_hat
         return -0.5 * (resid ** 2).sum(1) / noise_std ** 2                    # (B,) up to a constant
 
     return likelihood_score(log_lik)
 
 
 def dps_sampler(sde: SDE, score: ScoreFn, x_T: Tensor, A: Tensor, y: Tensor, noise_std: float, n_steps: int,
-                scale: float = 1.0, eps: float = 1e-3, generator: torch.Generator | None = None) -> Tensor:
+                scale: float | Tensor = 1.0, clip: tuple[float, float] | None = None, eps: float = 1e-3,
+                generator: torch.Generator | None = None) -> Tensor:
     """Diffusion posterior sampling (Chung et al. 2023, Algorithm 1) as Euler--Maruyama on the reverse SDE.
 
     Each step uses ``s + w grad log N(y; A x0_hat, s^2 I)``; the paper's step on ``||y - A x0_hat||^2``,
     ``zeta_i``, is ``w g(t)^2 dt / (2 s^2)`` here (the paper retunes it as ``zeta' / ||y - A x0_hat||``).
     Costs ``n_steps`` score evaluations, each with one backward pass.
     """
-    guided = conditional_score(score, dps_likelihood_score(sde, score, A, y, noise_std), scale)
-    return euler_maruyama(sde, guided, x_T, n_steps, eps=eps, generator=generator)
+    guided = conditional_score(score, dps_likelihood_score(sde, score, A, y, noise_std, clip), scale)
+    with torch.no_grad():                      # the likelihood score turns gradients back on for itself
+        return euler_maruyama(sde, guided, x_T, n_steps, eps=eps, generator=generator)
 
 
 def replacement_sampler(sde: SDE, score: ScoreFn, x_T: Tensor, A: Tensor, y: Tensor, n_steps: int,

@@ -216,6 +216,21 @@ def test_conditional_mlp_null_label_and_shapes():
         net(x, 0.5, 4)
     with pytest.raises(ValueError, match="n_classes"):
         ConditionalScoreMLP(2, n_classes=0)
+    with pytest.raises(ValueError, match="data_var needs scale"):
+        ConditionalScoreMLP(2, n_classes=2, data_var=1.0)
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), VESDE()], ids=repr)
+def test_conditional_mlp_gaussian_term_is_the_exact_score_of_a_gaussian(sde):
+    """With the last layer zeroed the network adds nothing, and data_var=v leaves the exact score of N(0, v I)."""
+    net = ConditionalScoreMLP(3, n_classes=2, hidden=16, n_layers=1, scale=sde, data_var=0.7).double()
+    with torch.no_grad():
+        net.out[-1].weight.zero_()
+        net.out[-1].bias.zero_()
+    x = torch.randn(10, 3, generator=torch.Generator().manual_seed(15), dtype=F64)
+    exact = oracle_score(Gaussian([0.0, 0.0, 0.0], std=math.sqrt(0.7)), sde)
+    for t in TIMES:
+        torch.testing.assert_close(net(x, t, 1), exact(x, t), rtol=1e-10, atol=1e-10)
 
 
 def test_cfg_training_learns_the_conditional_and_unconditional_scores():
