@@ -6,8 +6,8 @@ shaped like ``x``; learned networks and exact oracles both fulfil it, so every l
 and every sampler takes either.
 
 Submodules follow the mathematics and are imported on first use
-(``scorebook.densities``, ``scorebook.sde``, ``scorebook.losses``, ``scorebook.samplers``,
-``scorebook.likelihood``, ``scorebook.metrics``, ``scorebook.energy``, ``scorebook.partition``,
+(``scorebook.densities``, ``scorebook.sde``, ``scorebook.losses``, ``scorebook.samplers``, ``scorebook.solvers``,
+``scorebook.likelihood``, ``scorebook.metrics``, ``scorebook.notation``, ``scorebook.energy``, ``scorebook.partition``,
 ``scorebook.nets``, ``scorebook.data``, ``scorebook.train``, ``scorebook.plotting``,
 ``scorebook.cli``).
 """
@@ -18,8 +18,8 @@ from .contract import ScoreFn, as_time, default_device, evaluate_score
 __version__ = "0.1.0"
 __all__ = ["ScoreFn", "as_time", "default_device", "evaluate_score", "__version__"]
 
-_SUBMODULES = {"cli", "contract", "data", "densities", "energy", "likelihood", "losses", "metrics", "nets",
-               "partition", "plotting", "samplers", "sde", "train"}
+_SUBMODULES = {"cli", "contract", "data", "densities", "energy", "likelihood", "losses", "metrics", "nets", "notation",
+               "partition", "plotting", "samplers", "sde", "solvers", "train"}
 
 
 def __getattr__(name: str):

@@ -32,7 +32,12 @@ __all__ = [
     "default_device",
     "check_finite",
     "check_positive",
+    "NonFiniteError",
 ]
+
+
+class NonFiniteError(ValueError):
+    """A tensor holds NaN or infinite values (raised by :func:`check_finite`; a ``ValueError``)."""
 
 
 def as_time(t: TimeLike, x: Tensor) -> Tensor:
@@ -56,19 +61,24 @@ def as_time(t: TimeLike, x: Tensor) -> Tensor:
 
 
 def check_finite(name: str, x: Tensor) -> Tensor:
-    """Raise ``ValueError`` naming ``name`` if ``x`` holds a NaN or an infinity."""
+    """Raise :class:`NonFiniteError` (a ``ValueError``) naming ``name`` if ``x`` holds a NaN or an infinity."""
     if not torch.isfinite(x).all():
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
-        raise ValueError(f"{name} contains {n_nan} NaN and {n_inf} infinite values")
+        raise NonFiniteError(f"{name} contains {n_nan} NaN and {n_inf} infinite values")
     return x
 
 
 def check_positive(name: str, value: float | Tensor) -> None:
-    """Raise ``ValueError`` unless every entry of ``value`` is finite and > 0."""
+    """Raise ``ValueError`` unless ``value`` is a number (or numbers) and every entry is finite and > 0."""
     # checked on the CPU in float64 (MPS has no float64); numbers are parsed straight into float64
-    v = value.detach().cpu().to(torch.float64) if isinstance(value, torch.Tensor) else torch.as_tensor(
-        value, dtype=torch.float64)
+    if value is None or isinstance(value, (str, bytes, bool)):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}, which is not a number")
+    try:
+        v = value.detach().cpu().to(torch.float64) if isinstance(value, torch.Tensor) else torch.as_tensor(
+            value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}, which is not a number") from None
     if not torch.isfinite(v).all() or (v <= 0).any():
         raise ValueError(f"{name} must be finite and > 0, got {value!r}")
 
@@ -89,16 +99,38 @@ def evaluate_score(score: ScoreFn, x: Tensor, t: TimeLike) -> Tensor:
     return check_finite("score(x, t)", out)
 
 
-def default_device(prefer: str | torch.device | None = None) -> torch.device:
-    """Pick the device: ``prefer`` if given, else CUDA, then Apple MPS, then CPU."""
-    if prefer is not None:
-        return torch.device(prefer)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
+def _mps_available() -> bool:
     mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return mps is not None and mps.is_available()
+
+
+def default_device(prefer: str | torch.device | None = None) -> torch.device:
+    """Pick the device: ``prefer`` if given, else CUDA, then Apple MPS, then CPU.
+
+    A preferred CUDA or MPS device that this machine does not have raises ``ValueError`` naming it,
+    rather than failing later inside torch.
+    """
+    if prefer is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    try:
+        dev = torch.device(prefer)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda', 'cuda:1' or 'mps', "
+                         f"got {prefer!r}") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"device {str(prefer)!r} is not available: this machine has no CUDA GPU "
+                             f"(or torch {torch.__version__} was built without CUDA); use 'cpu'")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device {str(prefer)!r} is not available: this machine has {n} CUDA GPU(s), "
+                             f"cuda:0 to cuda:{n - 1}")
+    elif dev.type == "mps" and not _mps_available():
+        raise ValueError(f"device {str(prefer)!r} is not available: Apple MPS needs a Mac with Apple silicon "
+                         "and a torch built with MPS; use 'cpu'")
+    return dev
 
 
 LOG_2PI = math.log(2.0 * math.pi)

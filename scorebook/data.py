@@ -13,6 +13,8 @@ a lower bound on the discrete log-probability (Theis et al. 2016):
 """
 from __future__ import annotations
 
+import math
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +35,13 @@ __all__ = [
     "toy_data",
     "load_images",
     "IMAGE_SUFFIXES",
+    "LAYOUTS",
+    "MAX_IMAGE_PIXELS",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+LAYOUTS = ("nchw", "nhwc")  #: how a 4-D array of images is laid out (channels first or last)
+MAX_IMAGE_PIXELS = 4096 * 4096  #: larger images are refused before decoding
 DIGITS_LEVELS = 17  # sklearn's digits take the integer values 0..16
 
 
@@ -87,7 +93,7 @@ class ImageTransform:
 class TensorData:
     """An in-memory data set for :func:`scorebook.train.train`.
 
-    ``x`` holds all examples (N, *shape). ``transform(batch, generator)`` (optional) runs on
+    ``x`` holds all examples ``(N, *shape)``. ``transform(batch, generator)`` (optional) runs on
     each batch, e.g. an :class:`ImageTransform`; its randomness comes from ``generator`` so
     that training can be resumed exactly.
     """
@@ -145,14 +151,32 @@ def toy_data(name: str, n: int, seed: int = 0) -> Tensor:
 
 
 # ----- images a user brings -----------------------------------------------------------------
-def _as_nchw(arr: np.ndarray, source: str) -> Tensor:
+_CHANNELS = (1, 3, 4)
+
+
+class _Refused(ValueError):
+    """Our own message about a data file, which already names the file."""
+
+
+def _as_nchw(arr: np.ndarray, source: str, layout: str | None = None) -> Tensor:
+    """(N, H, W), (N, H, W, C) or (N, C, H, W) integers -> uint8 (N, C, H, W); see :func:`load_images`."""
     if arr.ndim == 3:  # (N, H, W): grey
         arr = arr[:, None]
-    elif arr.ndim == 4 and arr.shape[-1] in (1, 3, 4) and arr.shape[1] not in (1, 3, 4):
-        arr = arr.transpose(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
-    if arr.ndim != 4 or arr.shape[1] not in (1, 3, 4):
+    elif arr.ndim == 4:
+        if layout is None:
+            nchw, nhwc = arr.shape[1] in _CHANNELS, arr.shape[3] in _CHANNELS
+            if nchw and nhwc:
+                n, a, b, c = arr.shape
+                raise ValueError(f"{source}: the layout of an array shaped {arr.shape} is ambiguous: NCHW means "
+                                 f"{a} channel(s) of {b}x{c} pixels, NHWC means {c} channel(s) of {a}x{b} pixels; "
+                                 "say which with layout='nchw' or 'nhwc' (on the command line: --layout)")
+            layout = "nhwc" if nhwc else "nchw"
+        if layout == "nhwc":
+            arr = arr.transpose(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
+    if arr.ndim != 4 or arr.shape[1] not in _CHANNELS:
+        how = f" read as {layout.upper()}" if layout and arr.ndim == 4 else ""
         raise ValueError(f"{source}: expected images shaped (N, H, W), (N, H, W, C) or (N, C, H, W) with "
-                         f"C in {{1, 3, 4}}, got {arr.shape}")
+                         f"C in {{1, 3, 4}}, got {arr.shape}{how}")
     if arr.shape[0] == 0:
         raise ValueError(f"{source}: holds no images")
     if arr.dtype != np.uint8:
@@ -163,7 +187,39 @@ def _as_nchw(arr: np.ndarray, source: str) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def load_images(path: str | Path, key: str | None = None) -> Tensor:
+def _size(n: int) -> str:
+    for unit, k in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= k:
+            return f"{n / k:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _read_npy(fp, available: int, source: str) -> np.ndarray:
+    """Read one .npy array from ``fp`` after checking that its header fits the ``available`` bytes.
+
+    A header can claim any shape; numpy would allocate that much before reading, so a crafted or
+    truncated file claiming terabytes fails here instead, with the sizes in the message.
+    """
+    fmt = np.lib.format
+    start = fp.tell()
+    version = fmt.read_magic(fp)
+    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0  # 3.0 = 2.0 in UTF-8
+    shape, fortran, dtype = read_header(fp)
+    if dtype.hasobject:
+        raise _Refused(f"{source}: holds Python objects (dtype {dtype}); images must be integers")
+    need = math.prod(shape) * dtype.itemsize
+    have = available - (fp.tell() - start)
+    if need > have:
+        raise _Refused(f"{source}: its header claims an array of shape {shape} and dtype {dtype} ({_size(need)}), "
+                       f"but the file holds only {_size(max(have, 0))} of data: it is truncated or not a real array")
+    fp.seek(start)
+    try:
+        return fmt.read_array(fp, allow_pickle=False)
+    except MemoryError:
+        raise _Refused(f"{source}: the array of shape {shape} ({_size(need)}) does not fit in memory") from None
+
+
+def load_images(path: str | Path, key: str | None = None, layout: str | None = None) -> Tensor:
     """Load a user's 8-bit images as a uint8 tensor (N, C, H, W).
 
     ``path`` is one of:
@@ -172,10 +228,21 @@ def load_images(path: str | Path, key: str | None = None) -> Tensor:
       the only array in the file);
     * a ``.npy`` file;
     * a folder of image files (``IMAGE_SUFFIXES``), read with PIL in sorted name order; all must
-      share one size. Grey images stay one channel, everything else becomes RGB.
+      share one size. Grey images stay one channel, everything else becomes RGB. 16-bit images
+      (PIL modes ``I;16``/``I``, values 0..65535) are scaled to 8 bits by ``round(v / 257)``, which
+      maps 0..65535 onto 0..255 exactly; floating-point images are refused. Images larger than
+      ``MAX_IMAGE_PIXELS`` are refused from their header, before they are decoded.
+
+    Arrays may be (N, H, W) grey, (N, C, H, W) or (N, H, W, C) with C in {1, 3, 4}. The rule for
+    4-D arrays: when exactly one of axes 1 and 3 has a channel count, that axis holds the channels;
+    when both do (for example (N, 4, 4, 3)), the array is refused unless ``layout`` (``"nchw"`` or
+    ``"nhwc"``) says which. An array header that claims more data than the file holds is refused
+    before anything is allocated.
 
     Raises ``FileNotFoundError`` for a missing path and ``ValueError`` for unusable contents.
     """
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS} or None, got {layout!r}")
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"data path {str(p)!r} does not exist")
@@ -183,24 +250,58 @@ def load_images(path: str | Path, key: str | None = None) -> Tensor:
         return _load_folder(p)
     if p.suffix == ".npz":
         try:
-            with np.load(p, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
+            with zipfile.ZipFile(p) as z:
+                names = {n[:-4]: n for n in z.namelist() if n.endswith(".npy")}
+                if key is None:
+                    key = next((k for k in ("x", "images", "arr_0") if k in names), None)
+                    if key is None and len(names) == 1:
+                        key = next(iter(names))
+                    if key is None:
+                        raise _Refused(f"{p}: holds the arrays {sorted(names)} and none is called 'x', 'images' or "
+                                       "'arr_0'; choose one with key=NAME (on the command line: --data-key NAME)")
+                if key not in names:
+                    raise _Refused(f"{p}: no array {key!r}; it holds {sorted(names)}")
+                info = z.getinfo(names[key])
+                with z.open(info) as fp:
+                    arr = _read_npy(fp, info.file_size, f"{p} (array {key!r})")
+        except _Refused:
+            raise
         except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
             raise ValueError(f"{p} is not a readable .npz file: {e}") from e
-        if key is None:
-            key = next((k for k in ("x", "images", "arr_0") if k in arrays), None)
-            if key is None and len(arrays) == 1:
-                key = next(iter(arrays))
-        if key is None or key not in arrays:
-            raise ValueError(f"{p}: no array {key!r}; it holds {sorted(arrays)} (pass the key explicitly)")
-        return _as_nchw(arrays[key], str(p))
+        return _as_nchw(arr, str(p), layout)
     if p.suffix == ".npy":
         try:
-            arr = np.load(p, allow_pickle=False)
+            with open(p, "rb") as fp:
+                arr = _read_npy(fp, p.stat().st_size, str(p))
+        except _Refused:
+            raise
         except (OSError, EOFError, ValueError) as e:
             raise ValueError(f"{p} is not a readable .npy file: {e}") from e
-        return _as_nchw(arr, str(p))
+        return _as_nchw(arr, str(p), layout)
     raise ValueError(f"data path {str(p)!r} must be a .npz or .npy file or a folder of images")
+
+
+def _read_image(f: Path) -> np.ndarray:
+    """One image file as uint8 (H, W) grey or (H, W, 3) RGB; see :func:`load_images` for the rules."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+        with Image.open(f) as im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise ValueError(f"image {str(f)!r} is {w}x{h} pixels; images larger than {MAX_IMAGE_PIXELS} pixels "
+                                 "are refused (the header may be crafted, and score models here train on small images)")
+            if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grey: 0..65535 -> 0..255
+                a = np.asarray(im)
+                if a.size and (a.min() < 0 or a.max() > 65535):
+                    raise ValueError(f"image {str(f)!r} (mode {im.mode}) has values in [{a.min()}, {a.max()}], "
+                                     "outside the 16-bit range 0..65535")
+                return ((a.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257)
+            if im.mode == "F":
+                raise ValueError(f"image {str(f)!r} holds floating-point pixels (mode F), which have no fixed "
+                                 "scale; convert it to 8- or 16-bit integers")
+            return np.asarray(im.convert("L") if im.mode in ("L", "1") else im.convert("RGB"))
 
 
 def _load_folder(folder: Path) -> Tensor:
@@ -212,10 +313,8 @@ def _load_folder(folder: Path) -> Tensor:
     arrays = []
     for f in files:
         try:
-            with Image.open(f) as im:
-                im = im.convert("L") if im.mode in ("L", "1", "I;16", "I", "F") else im.convert("RGB")
-                a = np.asarray(im)
-        except (UnidentifiedImageError, OSError) as e:
+            a = _read_image(f)
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as e:
             raise ValueError(f"cannot read image {str(f)!r}: {e}") from e
         if arrays and a.shape != arrays[0].shape:
             raise ValueError(f"all images must share one size and mode; {f.name} is {a.shape}, "

@@ -38,6 +38,11 @@ __all__ = [
 
 VectorField = Callable[[Tensor], Tensor]
 
+#: torchdiffeq's fixed-grid solvers: they take ``n_steps`` equal steps, and must be told how many
+FIXED_STEP_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
+#: torchdiffeq's solvers with error control (``rtol``/``atol``)
+ADAPTIVE_METHODS = ADAPTIVE_SOLVERS + ("fehlberg2",)
+
 
 @dataclass
 class LikelihoodResult:
@@ -81,13 +86,18 @@ def hutchinson_divergence(fn: VectorField, x: Tensor, probes: Tensor) -> tuple[T
 def log_likelihood(sde: SDE, score: ScoreFn, x: Tensor, trace: str = "exact", rtol: float = 1e-5,
                    atol: float = 1e-5, eps: float = 1e-5, n_probes: int = 1, probe: str = "rademacher",
                    method: str = "dopri5", generator: torch.Generator | None = None,
-                   prior_log_prob: Callable[[Tensor], Tensor] | None = None) -> LikelihoodResult:
+                   prior_log_prob: Callable[[Tensor], Tensor] | None = None,
+                   n_steps: int | None = None) -> LikelihoodResult:
     """``log p_eps(x)`` under the probability-flow ODE of ``sde`` and ``score``, per sample, in nats.
 
     Args:
         trace: ``"exact"`` (D backward passes per evaluation) or ``"hutchinson"`` (``n_probes``
             ``probe`` vectors, Rademacher or Gaussian, fixed along the solve).
-        rtol, atol, method: passed to the torchdiffeq solver.
+        rtol, atol, method: passed to the torchdiffeq solver. ``method`` is adaptive (``ADAPTIVE_METHODS``,
+            default ``"dopri5"``, with ``rtol``/``atol``) or fixed-step (``FIXED_STEP_METHODS``, such as
+            ``"euler"`` or ``"rk4"``), which then needs ``n_steps``.
+        n_steps: number of equal steps from ``eps`` to ``T`` for a fixed-step ``method``; required there
+            (without it torchdiffeq would take a single step over the whole interval), refused otherwise.
         eps: the ODE starts at ``t = eps`` (the density of ``x_eps``, close to the data for small eps).
         prior_log_prob: ``log p_T`` used at the end of the solve; defaults to ``sde.prior_log_prob``.
             Passing the exact marginal at ``T`` (known for a Gaussian mixture) removes the
@@ -103,6 +113,16 @@ def log_likelihood(sde: SDE, score: ScoreFn, x: Tensor, trace: str = "exact", rt
     sde.check_eps(eps)
     if trace not in ("exact", "hutchinson"):
         raise ValueError(f"trace must be 'exact' or 'hutchinson', got {trace!r}")
+    if method in FIXED_STEP_METHODS:
+        if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 1:
+            raise ValueError(f"method={method!r} is fixed-step: pass n_steps, a positive integer number of steps "
+                             f"from eps to T, got n_steps={n_steps!r}")
+    elif method in ADAPTIVE_METHODS:
+        if n_steps is not None:
+            raise ValueError(f"n_steps applies to the fixed-step methods {FIXED_STEP_METHODS}; method={method!r} "
+                             "chooses its own steps from rtol and atol")
+    else:
+        raise ValueError(f"method must be one of {ADAPTIVE_METHODS + FIXED_STEP_METHODS}, got {method!r}")
     probes = None
     if trace == "hutchinson":
         if not isinstance(n_probes, int) or n_probes < 1:
@@ -132,9 +152,13 @@ def log_likelihood(sde: SDE, score: ScoreFn, x: Tensor, trace: str = "exact", rt
 
     ts = torch.tensor([eps, sde.T], dtype=x.dtype, device=x.device)
     delta0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    if method in FIXED_STEP_METHODS:  # n_steps equal steps on [eps, T]
+        options = {"grid_constructor": lambda *_: torch.linspace(eps, sde.T, n_steps + 1, dtype=x.dtype,
+                                                                 device=x.device)}
+    else:
+        options = {"step_t": ts} if method in ADAPTIVE_SOLVERS else None
     with torch.no_grad():
-        xs, deltas = odeint(rhs, (x.detach(), delta0), ts, rtol=rtol, atol=atol, method=method,
-                            options={"step_t": ts} if method in ADAPTIVE_SOLVERS else None)
+        xs, deltas = odeint(rhs, (x.detach(), delta0), ts, rtol=rtol, atol=atol, method=method, options=options)
     x_T, delta_T = xs[-1], deltas[-1]
     log_p_T = sde.prior_log_prob(x_T) if prior_log_prob is None else prior_log_prob(x_T)
     nats = log_p_T + delta_T                                                # (B,)

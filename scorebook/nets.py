@@ -113,6 +113,14 @@ class _Conditioned(nn.Module):
             return tt.log()
         return tt
 
+    def _check_dtype(self, x: Tensor) -> None:
+        """``x`` must have the parameters' dtype (under autocast torch mixes dtypes itself)."""
+        p = next(self.parameters(), None)
+        if p is not None and x.dtype != p.dtype and not torch.is_autocast_enabled(x.device.type):
+            name = type(self).__name__
+            raise ValueError(f"{name} expects x of dtype {p.dtype} (the dtype of its parameters), got {x.dtype}; "
+                             f"convert the input (x.to({p.dtype})) or the model ({name}(...).to({x.dtype}))")
+
     def _divisor(self, t: TimeLike, x: Tensor) -> Tensor | None:
         if self.scale is None:
             return None
@@ -156,6 +164,7 @@ class ScoreMLP(_Conditioned):
     def forward(self, x: Tensor, t: TimeLike) -> Tensor:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"ScoreMLP expects x of shape (B, {self.dim}), got {tuple(x.shape)}")
+        self._check_dtype(x)
         emb = self.t_mlp(self.embed(self._time_input(t, x)))  # (B, H)
         h = self.inp(x)  # (B, H)
         for blk in self.blocks:
@@ -278,6 +287,7 @@ class ScoreUNet(_Conditioned):
     def forward(self, x: Tensor, t: TimeLike) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"ScoreUNet expects x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        self._check_dtype(x)
         H, W = x.shape[-2:]
         ph, pw = (-H) % self.multiple, (-W) % self.multiple
         xin = F.pad(x, (0, pw, 0, ph)) if (ph or pw) else x  # (B, C, H', W')

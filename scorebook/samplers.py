@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -223,3 +223,69 @@ def probability_flow(sde: SDE, score: ScoreFn, x_T: Tensor, method: str = "dopri
     if return_trajectory:
         out += (trajectory,)
     return out[0] if len(out) == 1 else out
+
+
+LogProbFn = Callable[[Tensor], Tensor]  #: ``log_prob(x (B, ...)) -> (B,)``, an unnormalised log-density in nats
+
+
+def _log_density(log_prob: LogProbFn, x: Tensor) -> Tensor:
+    out = log_prob(x)
+    if not isinstance(out, Tensor) or out.shape != (x.shape[0],):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"log_prob(x) must return one log-density per point, shape ({x.shape[0]},), got {got}")
+    if torch.isnan(out).any() or (out == math.inf).any():
+        raise ValueError("log_prob(x) returned NaN or +inf (-inf, meaning p = 0, is allowed)")
+    return out
+
+
+def mala(score: ScoreFn, log_prob: LogProbFn, x0: Tensor, step_size: float, n_steps: int, t: TimeLike = 0.0,
+         generator: torch.Generator | None = None, return_acceptance: bool = False,
+         return_trajectory: bool = False, progress: bool | None = None):
+    """Metropolis-adjusted Langevin (MALA; Roberts & Tweedie 1996, Besag 1994): a Langevin proposal, then accept/reject.
+
+    The proposal is the unadjusted step ``y = x + eps s(x, t) + sqrt(2 eps) z``; it is accepted with
+    probability ``min(1, p(y) q(x | y) / (p(x) q(y | x)))``, ``q(y | x) = N(y; x + eps s(x), 2 eps I)``,
+    so ``p`` is exactly stationary for every ``eps > 0``. ``log_prob`` is ``log p`` up to an additive
+    constant (nats), ``(B, ...) -> (B,)``; it must belong to the same density as ``score``.
+    Returns ``x``, then the per-chain acceptance rate ``(B,)`` with ``return_acceptance`` and the
+    trajectory ``(n_steps + 1, B, ...)`` with ``return_trajectory``, in that order.
+    """
+    check_positive("step_size", step_size)
+    _check_steps(n_steps)
+    if not callable(log_prob):
+        raise TypeError(f"log_prob must be a callable x -> (B,) log-densities, got {type(log_prob).__name__}")
+    x = _check_start("x0", x0).clone()
+    if not torch.isfinite(_log_density(log_prob, x)).all():
+        raise ValueError("x0 must start where p > 0: log_prob(x0) is -inf for some chains")
+    traj = [x]
+    accepted = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)              # (B,)
+
+    def log_q(to: Tensor, frm: Tensor, s_frm: Tensor) -> Tensor:
+        """log N(to; frm + eps s(frm), 2 eps I) up to a constant that cancels; (B,)."""
+        return -(to - frm - step_size * s_frm).pow(2).flatten(1).sum(1) / (4 * step_size)
+
+    s_x, lp_x = evaluate_score(score, x, t), _log_density(log_prob, x)                  # (B, ...), (B,)
+    for _ in _steps(n_steps, progress, "MALA"):
+        # propose: one unadjusted Langevin step
+        y = x + step_size * s_x + math.sqrt(2 * step_size) * _noise(x, generator)
+        s_y, lp_y = evaluate_score(score, y, t), _log_density(log_prob, y)
+        # Metropolis-Hastings: log of the acceptance ratio
+        log_alpha = lp_y - lp_x + log_q(x, y, s_y) - log_q(y, x, s_x)                # (B,)
+        u = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
+        accept = torch.log(u) < log_alpha                                             # (B,) bool
+        # keep the accepted proposals, and the score and log-density that go with them
+        mask = accept.reshape(-1, *([1] * (x.ndim - 1)))
+        x, s_x = torch.where(mask, y, x), torch.where(mask, s_y, s_x)
+        lp_x = torch.where(accept, lp_y, lp_x)
+        accepted += accept.to(x.dtype)
+        if return_trajectory:
+            traj.append(x)
+    out: tuple = (x,)
+    if return_acceptance:
+        out += (accepted / n_steps,)
+    if return_trajectory:
+        out += (torch.stack(traj),)
+    return out[0] if len(out) == 1 else out
+
+
+__all__ += ["mala"]

@@ -105,7 +105,7 @@ class SDE(ABC):
 
     def prior_sample(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
                      device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Draw from ``p_T = N(0, prior_std^2 I)``; shape (B, *shape)."""
+        """Draw from ``p_T = N(0, prior_std^2 I)``; shape ``(B, *shape)``."""
         if generator is not None and device is None:
             device = generator.device
         z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
@@ -268,3 +268,92 @@ def geometric_sigmas(sigma_max: float, sigma_min: float, n: int) -> Tensor:
     if n > 1 and sigma_max <= sigma_min:
         raise ValueError(f"sigma_max must exceed sigma_min, got {sigma_max} <= {sigma_min}")
     return torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64))
+
+
+# ----- choosing the noise levels (Song & Ermon 2020, "Improved techniques") ----------------------
+__all__ += ["max_pairwise_distance", "shell_overlap", "ratio_for_overlap", "overlap_sigmas"]
+_BAND = 3.0 / math.sqrt(2.0)  # the norm of N(0, s^2 I_D) has standard deviation ~ s / sqrt(2): 3 of them
+
+
+def max_pairwise_distance(x: Tensor, chunk: int = 1024) -> float:
+    """The largest Euclidean distance between two examples of ``x`` (N, *shape), computed exactly.
+
+    Technique 1 of Song & Ermon (2020) takes ``sigma_max`` about this large, so that the noisiest
+    level can carry a sample from any training point to any other. Costs O(N^2 D) in chunks of
+    ``chunk`` rows.
+    """
+    if not isinstance(x, Tensor) or x.ndim < 2 or x.shape[0] < 2:
+        raise ValueError(f"x must be a tensor of at least two examples shaped (N, ...), got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+    flat = x.reshape(x.shape[0], -1)                                        # (N, D)
+    if not torch.isfinite(flat).all():
+        raise ValueError("x contains NaN or infinite values")
+    best = 0.0
+    for i in range(0, flat.shape[0], chunk):
+        best = max(best, float(torch.cdist(flat[i:i + chunk], flat).max()))  # (chunk, N) distances
+    return best
+
+
+def shell_overlap(ratio: float | Tensor, dim: int, exact: bool = True) -> Tensor:
+    """Overlap of consecutive noise levels, Technique 2 of Song & Ermon (2020); a probability, shaped like ``ratio``.
+
+    With ``ratio = sigma_{i-1} / sigma_i >= 1``: the probability that ``||x||`` for
+    ``x ~ N(0, sigma_i^2 I_D)`` falls within three standard deviations of the typical norm of the
+    previous level, the band ``sigma_{i-1} (sqrt(D) -+ 3 / sqrt(2))``. ``exact=False`` is the paper's
+    normal approximation ``Phi(sqrt(2D)(g-1) + 3g) - Phi(sqrt(2D)(g-1) - 3g)``; ``exact=True`` uses
+    the chi distribution of ``||x|| / sigma_i`` for the same band (clipped at 0).
+    """
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    g = torch.as_tensor(ratio, dtype=torch.float64)
+    if not torch.isfinite(g).all() or (g < 1).any():
+        raise ValueError(f"ratio must be finite and >= 1 (sigma_(i-1) / sigma_i), got {ratio!r}")
+    root_d = math.sqrt(dim)
+    if not exact:
+        centre = math.sqrt(2 * dim) * (g - 1)
+        phi = torch.special.ndtr
+        return phi(centre + 3 * g) - phi(centre - 3 * g)
+    lo = torch.clamp(g * (root_d - _BAND), min=0.0)                        # band of the previous level's norm,
+    hi = g * (root_d + _BAND)                                              # in units of sigma_i
+    chi2_cdf = lambda r: torch.special.gammainc(torch.full_like(r, dim / 2), r * r / 2)  # P(||z|| <= r), z ~ N(0, I_D)
+    return chi2_cdf(hi) - chi2_cdf(lo)
+
+
+def ratio_for_overlap(dim: int, overlap: float = 0.5, exact: bool = True) -> float:
+    """The ratio ``sigma_{i-1} / sigma_i`` at which :func:`shell_overlap` equals ``overlap`` (Song & Ermon 2020).
+
+    Solved by bisection on the decreasing branch. Raises ``ValueError`` when no ratio reaches
+    ``overlap``: in ``dim <= 4`` the band holds zero, so the overlap never falls below ~0.997.
+    """
+    if not (isinstance(overlap, (int, float)) and 0.0 < overlap < 1.0):
+        raise ValueError(f"overlap must lie in (0, 1), got {overlap!r}")
+    f = lambda g: float(shell_overlap(g, dim, exact)) - overlap
+    if f(1.0) <= 0:
+        raise ValueError(f"overlap={overlap} is at or above the overlap of equal levels, {f(1.0) + overlap:.4f}")
+    hi = 2.0
+    while f(hi) > 0:
+        hi *= 2.0
+        if hi > 1e6:
+            raise ValueError(f"no ratio brings the overlap down to {overlap} in dim={dim}: for dim <= 4 the band "
+                             f"around the previous level's norm contains 0 and the criterion cannot be met")
+    lo = 1.0
+    for _ in range(200):                                                   # f(lo) > 0 >= f(hi)
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
+        if hi - lo < 1e-13:
+            break
+    return 0.5 * (lo + hi)
+
+
+def overlap_sigmas(sigma_max: float, sigma_min: float, dim: int, overlap: float = 0.5, exact: bool = True) -> Tensor:
+    """The fewest geometric levels from ``sigma_max`` to ``sigma_min`` whose consecutive overlap is at least
+    ``overlap`` (Technique 2 of Song & Ermon 2020); (L,) float64."""
+    check_positive("sigma_max", sigma_max)
+    check_positive("sigma_min", sigma_min)
+    if sigma_max <= sigma_min:
+        raise ValueError(f"sigma_max must exceed sigma_min, got {sigma_max} <= {sigma_min}")
+    gamma = ratio_for_overlap(dim, overlap, exact)
+    n = math.ceil(math.log(sigma_max / sigma_min) / math.log(gamma) - 1e-9) + 1
+    return geometric_sigmas(sigma_max, sigma_min, n)

@@ -108,8 +108,11 @@ def test_bad_user_data_gives_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="integers in \\[0, 255\\]"):
         load_images(tmp_path / "float.npz")
     np.savez(tmp_path / "two.npz", a=np.zeros((2, 8, 8), np.uint8), b=np.zeros((2, 8, 8), np.uint8))
-    with pytest.raises(ValueError, match="no array"):
+    with pytest.raises(ValueError, match="none is called 'x'.*--data-key NAME"):
         load_images(tmp_path / "two.npz")
+    assert load_images(tmp_path / "two.npz", key="b").shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match="no array 'c'"):
+        load_images(tmp_path / "two.npz", key="c")
     good = tmp_path / "good.npz"
     np.savez(good, x=np.zeros((50, 8, 8), np.uint8))
     (tmp_path / "cut.npz").write_bytes(good.read_bytes()[:200])

@@ -86,3 +86,48 @@ def test_metrics_reject_bad_inputs():
         sliced_wasserstein(x, x, n_projections=0)
     with pytest.raises(ValueError, match="shaped like x"):
         fisher_divergence(lambda y, t: y[:, :1], Gaussian([0.0, 0.0], std=1.0), x)
+
+
+# ----- crossings between two cores ------------------------------------------------------------
+from scorebook.metrics import count_crossings, mean_crossing_time  # noqa: E402
+
+
+def test_count_crossings_on_a_path_with_known_crossings():
+    # cores A = {x <= -1}, B = {x >= 1}; the excursion to 0.5 and back to B is not a crossing
+    path = torch.tensor([-2.0, 0.0, 2.0, 0.5, 2.0, -2.0, -1.0, 0.0, 0.3, 1.0], dtype=F64)
+    #                      A    gap   B    gap   B     A     A    gap  gap   B   -> A>B, B>A, A>B
+    assert count_crossings(path, -1.0, 1.0).tolist() == [3]
+    # several chains at once, (T, N); a chain starting in the gap takes the core on its side of the midpoint
+    chains = torch.stack([path, torch.tensor([0.5, 0.0, -2.0] + [-2.0] * 7, dtype=F64),
+                          torch.tensor([-0.5, 0.0, -2.0] + [-2.0] * 7, dtype=F64),
+                          torch.zeros(10, dtype=F64)], dim=1)
+    assert count_crossings(chains, -1.0, 1.0).tolist() == [3, 1, 0, 0]
+    tau, n = mean_crossing_time(chains, -1.0, 1.0, dt=0.5)
+    assert n == 4 and tau == 4 * 9 * 0.5 / 4
+    assert mean_crossing_time(torch.zeros(5, 3), -1.0, 1.0) == (math.inf, 0)
+
+
+def test_mean_crossing_time_of_a_two_state_chain_is_one_over_the_flip_rate():
+    """A chain that jumps between -1 and +1 with probability q per step crosses Binomial(N (T-1), q) times,
+    so the mean time between crossings is 1/q."""
+    g = torch.Generator().manual_seed(4)
+    t_len, n, q = 2001, 50, 0.02
+    flips = (torch.rand(t_len - 1, n, generator=g) < q).long()
+    start = torch.where(torch.rand(n, generator=g) < 0.5, 1, -1)
+    sign = start * (-1) ** torch.cat([torch.zeros(1, n, dtype=torch.long), flips.cumsum(0)])   # (T, N)
+    tau, count = mean_crossing_time(sign.double(), -0.5, 0.5, dt=1.0)
+    trials = n * (t_len - 1)
+    assert count == int(flips.sum())                                 # every flip is a crossing, nothing else
+    assert abs(count - q * trials) < 4 * math.sqrt(trials * q * (1 - q))
+    assert abs(tau - 1 / q) < 4 * (1 / q) * math.sqrt((1 - q) / (trials * q))   # delta method on trials / count
+
+
+def test_crossing_helpers_reject_bad_inputs():
+    with pytest.raises(ValueError, match="low < high"):
+        count_crossings(torch.zeros(5), 1.0, -1.0)
+    with pytest.raises(ValueError, match="shaped \\(T,\\) or \\(T, N\\)"):
+        count_crossings(torch.zeros(2, 3, 4), -1.0, 1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        count_crossings(torch.tensor([0.0, float("nan")]), -1.0, 1.0)
+    with pytest.raises(ValueError, match="dt must be"):
+        mean_crossing_time(torch.zeros(5), -1.0, 1.0, dt=0.0)

@@ -201,3 +201,75 @@ def test_check_eps_accepts_only_the_open_interval():
     for bad in (0.0, 1.0, -1e-3, 2.0, "0.1"):
         with pytest.raises(ValueError, match="eps must lie in"):
             sde.check_eps(bad)
+
+
+# ----- choosing the noise levels (Song & Ermon 2020) ------------------------------------------
+from scorebook.sde import max_pairwise_distance, overlap_sigmas, ratio_for_overlap, shell_overlap  # noqa: E402
+
+
+def test_max_pairwise_distance_of_the_unit_cube_is_its_diagonal():
+    corners = torch.cartesian_prod(*[torch.tensor([0.0, 1.0], dtype=F64)] * 5)   # (32, 5) corners of [0, 1]^5
+    assert max_pairwise_distance(corners) == pytest.approx(math.sqrt(5.0), rel=1e-12)
+    assert max_pairwise_distance(corners, chunk=3) == pytest.approx(math.sqrt(5.0), rel=1e-12)
+
+
+def test_max_pairwise_distance_matches_brute_force_for_images():
+    x = torch.randn(300, 1, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    flat = x.reshape(300, -1)
+    brute = max(float((flat[i] - flat[j]).norm()) for i in range(300) for j in range(i + 1, 300))
+    assert max_pairwise_distance(x, chunk=7) == pytest.approx(brute, rel=1e-12)
+    with pytest.raises(ValueError, match="at least two examples"):
+        max_pairwise_distance(x[:1])
+
+
+@pytest.mark.parametrize("dim", [1, 2, 5, 64, 3072])
+def test_shell_overlap_is_the_chi_probability_of_the_band(dim):
+    """exact=True against scipy's chi distribution; exact=False against the paper's normal formula."""
+    g = np.array([1.0, 1.05, 1.36, 2.0, 7.0])
+    lo, hi = np.clip(g * (math.sqrt(dim) - 3 / math.sqrt(2)), 0, None), g * (math.sqrt(dim) + 3 / math.sqrt(2))
+    want = stats.chi.cdf(hi, dim) - stats.chi.cdf(lo, dim)
+    # torch's regularised incomplete gamma stops its series / continued fraction near 1e-10 (3e-10 seen at
+    # D = 64), scipy's is accurate to ~1e-15: 1e-8 is far below any use of an overlap (read to 1e-3)
+    np.testing.assert_allclose(shell_overlap(torch.tensor(g), dim).numpy(), want, rtol=0, atol=1e-8)
+    a = math.sqrt(2 * dim) * (g - 1)
+    paper = stats.norm.cdf(a + 3 * g) - stats.norm.cdf(a - 3 * g)
+    np.testing.assert_allclose(shell_overlap(torch.tensor(g), dim, exact=False).numpy(), paper, rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_shell_overlap_by_monte_carlo():
+    """The band probability for D = 64 and ratio 1.36, counted on 200 000 Gaussian draws (4 standard errors)."""
+    dim, g, n = 64, 1.36, 200_000
+    r = torch.randn(n, dim, dtype=F64, generator=torch.Generator().manual_seed(1)).norm(dim=1)
+    inside = ((r >= g * (math.sqrt(dim) - 3 / math.sqrt(2))) & (r <= g * (math.sqrt(dim) + 3 / math.sqrt(2))))
+    p = float(shell_overlap(g, dim))
+    assert abs(inside.double().mean().item() - p) < 4 * math.sqrt(p * (1 - p) / n)
+
+
+def test_ratio_for_overlap_inverts_the_overlap_and_has_the_large_d_closed_form():
+    for dim in (5, 16, 64, 3072):
+        g = ratio_for_overlap(dim)
+        assert float(shell_overlap(g, dim)) == pytest.approx(0.5, abs=1e-9)
+    # normal approximation: when 6g >> 1, Phi(a + 3g) = 1 and the overlap is 1/2 exactly where a = 3g,
+    # i.e. g = sqrt(2D) / (sqrt(2D) - 3); the neglected 1 - Phi(6g) is below 1e-9 here
+    for dim in (16, 64, 3072):
+        assert ratio_for_overlap(dim, exact=False) == pytest.approx(math.sqrt(2 * dim) / (math.sqrt(2 * dim) - 3),
+                                                                     rel=1e-9)
+    with pytest.raises(ValueError, match="cannot be met"):
+        ratio_for_overlap(2)
+    with pytest.raises(ValueError, match="overlap must lie in"):
+        ratio_for_overlap(64, overlap=1.5)
+
+
+def test_the_published_schedules_overlap_by_about_a_half():
+    """Song & Ermon (2020) use sigma_L = 0.01 and (sigma_1, L) = (50, 232) for CIFAR-10, (90, 500) for CelebA 64x64,
+    (140, 788) for LSUN 96x96 and (348, 2311) for FFHQ 256x256; each keeps the overlap just above one half."""
+    for s1, n, dim in ((50, 232, 3072), (90, 500, 3 * 64 * 64), (140, 788, 3 * 96 * 96), (348, 2311, 3 * 256 * 256)):
+        g = (s1 / 0.01) ** (1 / (n - 1))
+        assert 0.5 < float(shell_overlap(g, dim, exact=False)) < 0.6
+        assert 0.5 < float(shell_overlap(g, dim)) < 0.6
+        fewest = overlap_sigmas(s1, 0.01, dim)
+        assert len(fewest) <= n and float(shell_overlap(float(fewest[0] / fewest[1]), dim)) >= 0.5 - 1e-12
+        # one level fewer would break the criterion
+        g_fewer = (s1 / 0.01) ** (1 / (len(fewest) - 2))
+        assert float(shell_overlap(g_fewer, dim)) < 0.5

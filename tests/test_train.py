@@ -165,18 +165,6 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
               _cfg(steps=4, checkpoint=str(cut)))
 
 
-def test_starting_afresh_keeps_the_old_checkpoint(tmp_path):
-    path = tmp_path / "ck.pt"
-    x = torch.randn(32, 2)
-    loss = lambda s, x: (s(x, 0.5) ** 2).mean()  # noqa: E731
-    train(ScoreMLP(2, 8, 1), loss, x, _cfg(steps=3, checkpoint=str(path)))
-    old = path.read_bytes()
-    with pytest.warns(UserWarning, match="moved to"):
-        train(ScoreMLP(2, 8, 1), loss, x + 1, _cfg(steps=2, checkpoint=str(path), resume=False))
-    assert (tmp_path / "ck.pt.prev").read_bytes() == old
-    assert load_checkpoint(path)["step"] == 2 and load_checkpoint(tmp_path / "ck.pt.prev")["step"] == 3
-
-
 def test_config_rejects_values_of_the_wrong_type():
     for bad in ({"lr": True}, {"ema_decay": "0.9"}, {"grad_clip": "1"}, {"seed": 1.5},
                 {"adam_betas": (0.9, 1.5)}, {"adam_eps": 0.0}):
