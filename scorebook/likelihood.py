@@ -208,3 +208,23 @@ def discrete_bpd(log_prob: Tensor, dim: int, n_levels: int, scale: float = 1.0) 
     check_positive("scale", scale)
     nats_y = log_prob + dim * math.log(scale)
     return -(nats_y - dim * math.log(n_levels)) / (dim * math.log(2.0))
+
+
+__all__ += ["prior_kl"]
+
+
+def prior_kl(dist, sde: SDE) -> float:
+    """``KL(p_T || prior)`` in nats: how far the SDE's prior is from the true law at ``T`` of data ``dist``.
+
+    ``dist`` is a Gaussian mixture in 1 or 2 dimensions, whose marginal ``p_T`` is again a mixture.
+    ``KL = E_{p_T}[log p_T] - E_{p_T}[log prior]``: the cross-entropy term is closed form (it needs
+    only the mean and second moment of ``p_T``, :func:`~scorebook.densities.gaussian_cross_entropy`);
+    the entropy of ``p_T`` is a mixture's entropy, which has no closed form and is computed by
+    quadrature (:func:`~scorebook.densities.mixture_entropy`).
+    """
+    from .densities import GaussianMixture, gaussian_cross_entropy, mixture_entropy
+
+    if not isinstance(dist, GaussianMixture):
+        raise TypeError(f"dist must be a Gaussian or GaussianMixture, got {type(dist).__name__}")
+    p_T = dist.marginal(sde, sde.T)
+    return gaussian_cross_entropy(p_T, 0.0, sde.prior_std) - mixture_entropy(p_T)

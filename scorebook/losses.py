@@ -9,6 +9,9 @@ expectation under ``p``. With ``p`` the data density and ``s`` the model score:
   ``J_ESM = J_ISM + 1/2 E ||grad log p||^2``, a constant that does not depend on ``s``;
 * sliced SM     ``E_v E[ v^T grad_x s(x) v + 1/2 (v^T s(x))^2 ]``  (Song et al. 2019);
 * denoising SM  ``1/2 E || s(x + sigma z, sigma) + z / sigma ||^2``  (Vincent 2011).
+
+For an exponential family the implicit loss is quadratic in the parameters and
+:func:`exponential_family_score_matching` minimises it in closed form.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ __all__ = [
     "denoising_score_matching",
     "ncsn_loss",
     "sde_loss",
+    "exponential_family_score_matching",
 ]
 
 
@@ -161,3 +165,33 @@ def sde_loss(score: ScoreFn, x: Tensor, sde: SDE, likelihood_weighting: bool = F
     if likelihood_weighting:
         per_sample = per_sample * sde._diffusion(t) ** 2 / std ** 2
     return per_sample.mean()
+
+
+def exponential_family_score_matching(grad_t: Tensor, lap_t: Tensor) -> Tensor:
+    """Implicit score matching in closed form for an exponential family ``f_theta(x) = theta^T T(x)``.
+
+    The model score ``s_theta(x) = grad_x f_theta(x) = J_T(x)^T theta`` is linear in ``theta``, so
+    ``J_ISM(theta) = theta^T b + 1/2 theta^T A theta`` with ``A = E[J_T J_T^T]`` and
+    ``b = E[lap T]``, and the minimiser is ``theta_hat = -A^{-1} b`` (Hyvarinen 2007, section 2).
+    The expectations are averages over the batch.
+
+    ``grad_t``: (N, P, D), the x-gradients ``grad_x T_k(x_i)`` of the P features at N points;
+    ``lap_t``: (N, P), their Laplacians ``sum_d d^2 T_k / dx_d^2 (x_i)``. Returns ``theta_hat`` (P,).
+    Raises ``ValueError`` for mismatched shapes or a singular ``A`` (features whose gradients are
+    linearly dependent on the data).
+    """
+    if not isinstance(grad_t, Tensor) or not isinstance(lap_t, Tensor):
+        raise TypeError("grad_t and lap_t must be tensors")
+    if grad_t.ndim != 3 or grad_t.shape[0] == 0:
+        raise ValueError(f"grad_t must be shaped (N, P, D) with N >= 1, got {tuple(grad_t.shape)}")
+    if lap_t.shape != grad_t.shape[:2]:
+        raise ValueError(f"lap_t must be shaped (N, P) = {tuple(grad_t.shape[:2])}, got {tuple(lap_t.shape)}")
+    check_finite("grad_t", grad_t)
+    check_finite("lap_t", lap_t)
+    a = torch.einsum("npd,nqd->pq", grad_t, grad_t) / grad_t.shape[0]       # (P, P)  E[J_T J_T^T]
+    b = lap_t.mean(0)                                                        # (P,)    E[lap T]
+    try:
+        return -torch.linalg.solve(a, b)                                     # (P,)
+    except RuntimeError as err:  # torch raises on an exactly singular matrix
+        raise ValueError("E[J_T J_T^T] is singular: the feature gradients are linearly dependent on this "
+                         "data, so the score-matching estimate is not unique") from err

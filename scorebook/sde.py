@@ -357,3 +357,43 @@ def overlap_sigmas(sigma_max: float, sigma_min: float, dim: int, overlap: float 
     gamma = ratio_for_overlap(dim, overlap, exact)
     n = math.ceil(math.log(sigma_max / sigma_min) / math.log(gamma) - 1e-9) + 1
     return geometric_sigmas(sigma_max, sigma_min, n)
+
+__all__ += ["noise_to_time", "sigma_score"]
+
+
+def noise_to_time(sde: SDE, sigma: float | Tensor, iters: int = 64) -> Tensor:
+    """The time ``t`` at which the noise-to-signal ratio ``std(t) / a(t)`` of ``sde`` equals ``sigma``; (B,) float64.
+
+    ``x_t / a(t) = x_0 + (std(t) / a(t)) z``, so ``t`` is where the SDE's kernel, rescaled by ``a(t)``, is
+    NCSN's perturbation by noise of standard deviation ``sigma``. The ratio increases with ``t`` for the
+    VE, VP and sub-VP SDEs; we solve by bisection on ``[0, T]``: 64 halvings reach float64 resolution.
+    """
+    s = torch.as_tensor(sigma, dtype=torch.float64).detach().cpu().reshape(-1)
+    if not torch.isfinite(s).all() or (s < 0).any():
+        raise ValueError(f"sigma must be finite and >= 0, got {sigma!r}")
+    ratio = lambda t: sde._std(t) / sde._mean_coef(t)                     # noqa: E731  (t validated below)
+    top = float(ratio(torch.tensor([sde.T], dtype=torch.float64)))
+    if (s > top).any():
+        raise ValueError(f"sigma must be at most std(T)/a(T) = {top:.6g} for {sde!r}, got max {float(s.max()):.6g}")
+    lo, hi = torch.zeros_like(s), torch.full_like(s, sde.T)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        below = ratio(mid) < s
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+def sigma_score(sde: SDE, score: ScoreFn) -> ScoreFn:
+    """Turn a time-conditioned score ``score(x, t)`` for ``sde`` into NCSN's noise-conditioned ``score(y, sigma)``.
+
+    ``p_t(x) = a^-D q_sigma(x / a)`` with ``q_sigma = p_0 * N(0, sigma^2 I)`` and ``sigma = std(t)/a(t)``, so
+    ``grad log q_sigma(y) = a(t) s(a(t) y, t)``: one network serves the SDE samplers and annealed Langevin.
+    """
+    def score_sigma(y: Tensor, sigma: TimeLike) -> Tensor:
+        sig = as_time(sigma, y)                                            # (B,)
+        levels, where = torch.unique(sig.detach().double().cpu(), return_inverse=True)   # usually one level
+        t = noise_to_time(sde, levels)[where].to(device=y.device, dtype=y.dtype)          # (B,)
+        a = _bcast(sde.mean_coef(t).to(device=y.device, dtype=y.dtype), y)
+        return a * evaluate_score(score, a * y, t)
+
+    return score_sigma

@@ -504,3 +504,63 @@ def test_conditioning_rejects_bad_arguments():
         oracle_measurement_log_likelihood(gm, [[1.0, 0.0]], [0.0, 1.0], 0.1)
     with pytest.raises(TypeError):
         oracle_classifier("not a mixture")
+
+
+# ----- entropies and cross-entropies ------------------------------------------------------------
+from scorebook.densities import gaussian_cross_entropy, mixture_entropy  # noqa: E402
+
+
+def test_gaussian_cross_entropy_is_entropy_plus_kl_for_a_gaussian():
+    """For p = N(m, S) and q = N(c, s^2 I): E_p[-log q] = H(p) + KL(p || q), both closed form (scipy for H)."""
+    cov = torch.tensor([[1.5, 0.4], [0.4, 0.7]], dtype=F64)
+    p = Gaussian([1.0, -2.0], cov)
+    c, s = torch.tensor([0.5, 0.5], dtype=F64), 1.7
+    h = stats.multivariate_normal(mean=[1.0, -2.0], cov=cov.numpy()).entropy()
+    kl = 0.5 * (float(torch.trace(cov)) / s ** 2 + float(((p.mean - c) ** 2).sum()) / s ** 2 - 2
+                + 2 * math.log(s ** 2) - math.log(float(torch.det(cov))))
+    assert gaussian_cross_entropy(p, c, s) == pytest.approx(h + kl, rel=1e-12)
+
+
+def test_gaussian_cross_entropy_of_a_mixture_matches_monte_carlo():
+    gm = random_mixture(2, 3, torch.Generator().manual_seed(11))
+    x = gm.sample(200_000, generator=torch.Generator().manual_seed(12))
+    neg_log_q = 0.5 * 2 * math.log(2 * math.pi * 2.0 ** 2) + ((x - 1.0) ** 2).sum(1) / (2 * 2.0 ** 2)
+    se = float(neg_log_q.std()) / math.sqrt(len(x))
+    assert abs(gaussian_cross_entropy(gm, 1.0, 2.0) - float(neg_log_q.mean())) < 5 * se
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_mixture_entropy_of_one_gaussian_is_its_closed_form(d):
+    cov = torch.tensor([[0.3]], dtype=F64) if d == 1 else torch.tensor([[2.0, 0.9], [0.9, 0.6]], dtype=F64)
+    g = Gaussian(torch.ones(d, dtype=F64), cov)
+    assert mixture_entropy(g) == pytest.approx(g.entropy(), abs=1e-10)
+
+
+def test_mixture_entropy_of_separated_components_adds_the_entropy_of_the_weights():
+    """Components 40 standard deviations apart overlap by e^-200: H = H(w) + sum_k w_k H(N_k) to rounding."""
+    w = torch.tensor([0.2, 0.5, 0.3], dtype=F64)
+    gm = GaussianMixture([[-20.0, 0.0], [20.0, 0.0], [0.0, 40.0]], weights=w, stds=[0.5, 1.0, 0.7])
+    h_k = torch.tensor([Gaussian([0.0, 0.0], std=s).entropy() for s in (0.5, 1.0, 0.7)], dtype=F64)
+    expected = float(-(w * w.log()).sum() + (w * h_k).sum())
+    assert mixture_entropy(gm) == pytest.approx(expected, abs=1e-9)
+
+
+def test_mixture_entropy_of_overlapping_components_matches_monte_carlo():
+    gm = random_mixture(2, 3, torch.Generator().manual_seed(13), form="iso")
+    x = gm.sample(200_000, generator=torch.Generator().manual_seed(14))
+    nlp = -gm.log_prob(x)
+    se = float(nlp.std()) / math.sqrt(len(x))
+    assert abs(mixture_entropy(gm) - float(nlp.mean())) < 5 * se
+
+
+def test_entropy_helpers_reject_bad_input():
+    with pytest.raises(ValueError, match="1 or 2 dimensions"):
+        mixture_entropy(Gaussian(torch.zeros(3, dtype=F64)))
+    with pytest.raises(ValueError, match="max_points"):
+        mixture_entropy(GaussianMixture([[-100.0], [100.0]], stds=0.01))
+    with pytest.raises(ValueError, match="std"):
+        gaussian_cross_entropy(song_ermon_mixture(), 0.0, 0.0)
+    with pytest.raises(ValueError, match="mean"):
+        gaussian_cross_entropy(song_ermon_mixture(), [0.0, 0.0, 0.0], 1.0)
+    with pytest.raises(TypeError):
+        mixture_entropy("not a mixture")

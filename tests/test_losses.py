@@ -311,3 +311,51 @@ def test_bad_inputs_raise_clear_errors():
         sde_loss(good, x, VPSDE(), eps=0.0)
     with pytest.raises(ValueError, match="true_score must be shaped like x"):
         explicit_score_matching(good, x, torch.zeros(8, 3))
+
+
+# ----- closed-form score matching for exponential families -----------------------------------
+def test_exponential_family_score_matching_of_a_gaussian_is_the_mle():
+    # T = (x, x^2): T' = (1, 2x), T'' = (0, 2). Solving -A^{-1} b by hand gives theta = (m/v, -1/(2v))
+    # with the sample mean m and the 1/N sample variance v, which is also the MLE (eq. ch3-gauss-mle).
+    from scorebook.losses import exponential_family_score_matching
+    x = 1.5 + 0.7 * torch.randn(5000, generator=torch.Generator().manual_seed(0), dtype=F64)
+    grad_t = torch.stack([torch.ones_like(x), 2 * x], 1)[..., None]          # (N, 2, 1)
+    lap_t = torch.stack([torch.zeros_like(x), torch.full_like(x, 2.0)], 1)   # (N, 2)
+    theta = exponential_family_score_matching(grad_t, lap_t)
+    m, v = x.mean(), x.var(unbiased=False)
+    torch.testing.assert_close(theta, torch.stack([m / v, -0.5 / v]), rtol=1e-10, atol=1e-12)
+
+
+def test_exponential_family_score_matching_minimises_the_implicit_loss():
+    # 2-D features T = (x1, x2, x1^2, x2^2, x1 x2, x1^4 + x2^4) on mixture data: the package's ISM loss of
+    # the model score s_theta = J_T^T theta has zero gradient in theta at the closed-form estimate
+    from scorebook.losses import exponential_family_score_matching
+    mix = GaussianMixture([[-1.0, 0.0], [1.0, 0.5]], stds=0.6)
+    x = mix.sample(4000, generator=torch.Generator().manual_seed(1))          # (N, 2)
+    x1, x2 = x[:, 0], x[:, 1]
+    one, zero = torch.ones_like(x1), torch.zeros_like(x1)
+    grad_t = torch.stack([torch.stack([one, zero], 1), torch.stack([zero, one], 1),
+                          torch.stack([2 * x1, zero], 1), torch.stack([zero, 2 * x2], 1),
+                          torch.stack([x2, x1], 1), torch.stack([4 * x1 ** 3, 4 * x2 ** 3], 1)], 1)   # (N, 6, 2)
+    lap_t = torch.stack([zero, zero, 2 * one, 2 * one, zero, 12 * (x1 ** 2 + x2 ** 2)], 1)          # (N, 6)
+    theta = exponential_family_score_matching(grad_t, lap_t).requires_grad_(True)
+
+    def model(z, t):
+        z1, z2 = z[:, 0], z[:, 1]
+        s1 = theta[0] + 2 * theta[2] * z1 + theta[4] * z2 + 4 * theta[5] * z1 ** 3
+        s2 = theta[1] + 2 * theta[3] * z2 + theta[4] * z1 + 4 * theta[5] * z2 ** 3
+        return torch.stack([s1, s2], 1)
+
+    (grad,) = torch.autograd.grad(implicit_score_matching(model, x), theta)
+    # the gradient A theta + b vanishes up to rounding in sums of N terms of size up to |A theta| ~ 1e2
+    assert grad.abs().max() < 1e-9, grad
+
+
+def test_exponential_family_score_matching_rejects_bad_input():
+    from scorebook.losses import exponential_family_score_matching
+    with pytest.raises(ValueError, match="grad_t"):
+        exponential_family_score_matching(torch.zeros(5, 2), torch.zeros(5, 2))
+    with pytest.raises(ValueError, match="lap_t"):
+        exponential_family_score_matching(torch.zeros(5, 2, 1), torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="singular"):
+        exponential_family_score_matching(torch.zeros(5, 2, 1, dtype=F64), torch.ones(5, 2, dtype=F64))

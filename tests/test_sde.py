@@ -273,3 +273,38 @@ def test_the_published_schedules_overlap_by_about_a_half():
         # one level fewer would break the criterion
         g_fewer = (s1 / 0.01) ** (1 / (len(fewest) - 2))
         assert float(shell_overlap(g_fewer, dim)) < 0.5
+
+# ----- from time to noise level ----------------------------------------------------------------
+from scorebook.densities import oracle_score, song_ermon_mixture  # noqa: E402
+from scorebook.sde import noise_to_time, sigma_score  # noqa: E402
+
+
+def test_noise_to_time_inverts_the_closed_forms():
+    sig = torch.tensor([1e-3, 0.1, 1.0, 10.0, 40.0], dtype=F64)
+    vp = VPSDE(0.1, 20.0)
+    b = torch.log1p(sig ** 2)                                  # int_0^t beta = log(1 + sigma^2) for VP
+    t_vp = (-0.1 + torch.sqrt(0.1 ** 2 + 2 * 19.9 * b)) / 19.9
+    torch.testing.assert_close(noise_to_time(vp, sig), t_vp, rtol=1e-12, atol=1e-15)
+    ve = VESDE(0.01, 50.0)                                     # sigma^2 = sigma(t)^2 - sigma_min^2
+    t_ve = torch.log(torch.sqrt(sig ** 2 + 0.01 ** 2) / 0.01) / math.log(5000.0)
+    torch.testing.assert_close(noise_to_time(ve, sig), t_ve, rtol=1e-12, atol=1e-15)
+    sub = SubVPSDE()
+    t = noise_to_time(sub, sig)
+    torch.testing.assert_close(sub.marginal_std(t) / sub.mean_coef(t), sig, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("sde", [VESDE(), VPSDE(), SubVPSDE()], ids=repr)
+def test_sigma_score_of_the_time_oracle_is_the_noise_oracle(sde):
+    mix = song_ermon_mixture()
+    g = torch.Generator().manual_seed(4)
+    y = 6.0 * torch.randn(64, 2, generator=g, dtype=F64)
+    sig = torch.exp(torch.empty(64, dtype=F64).uniform_(math.log(0.05), math.log(30.0), generator=g))
+    got = sigma_score(sde, oracle_score(mix, sde))(y, sig)
+    torch.testing.assert_close(got, oracle_score(mix)(y, sig), rtol=1e-8, atol=1e-10)
+
+
+def test_noise_to_time_rejects_levels_out_of_range():
+    with pytest.raises(ValueError, match="at most"):
+        noise_to_time(VESDE(0.01, 50.0), 60.0)
+    with pytest.raises(ValueError, match="sigma"):
+        noise_to_time(VPSDE(), -1.0)
