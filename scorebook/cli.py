@@ -8,6 +8,7 @@ is one line::
     python -m scorebook train --preset mnist --data mnist_train.npz     # GPU
     torchrun --nproc_per_node=4 -m scorebook train --preset cifar10 --data cifar_train.npz
     python -m scorebook sample --checkpoint runs/digits/checkpoint.pt --n 64
+    python -m scorebook sample --checkpoint runs/2d/checkpoint.pt --sampler dpmpp_2m --nfe 10
     python -m scorebook nll --checkpoint runs/digits/checkpoint.pt
 
 The checkpoint stores the preset's specs, so ``sample`` and ``nll`` rebuild the model from it,
@@ -49,6 +50,7 @@ from .data import LAYOUTS, ImageTransform, TensorData, load_digits, load_images,
 from .densities import TOY_NAMES
 from .nets import ScoreMLP, ScoreUNet, count_parameters
 from .sde import SDE, SubVPSDE, VESDE, VPSDE
+from .solvers import SAMPLERS, NFECounter
 from .train import (MAX_SEED, CheckpointError, TrainConfig, TrainingInterrupted, _load_model_state,
                     load_checkpoint, train)
 
@@ -276,6 +278,26 @@ def _device(s: str) -> str:
     return s
 
 
+#: the fixed-budget samplers of scorebook.solvers offered by `sample --sampler NAME --nfe N`; pc and em keep
+#: their --steps interface (the number of reverse-time steps), and ode is the adaptive solver
+_FAST = tuple(k for k in SAMPLERS if k not in ("pc", "em"))
+_MIN_NFE = {"ode_heun": 2}  # Heun spends 2 evaluations per step; every other fixed-budget sampler runs on 1
+_NFE_DEFAULT = 35
+
+
+def _samplers_epilog() -> str:
+    """One line per sampler for `sample --help`, taken from the first line of each sampler's docstring."""
+    lines = ["samplers:",
+             "  pc        predictor-corrector (Song et al. 2021), --steps reverse-time steps (2 NFE per step)",
+             "  em        Euler-Maruyama on the reverse SDE (Song et al. 2021), --steps steps",
+             "  ode       probability-flow ODE, adaptive dopri5 (tolerance 1e-5): the solver picks its steps"]
+    lines += [f"  {k:<9} {(SAMPLERS[k].__doc__ or '').strip().splitlines()[0].rstrip('.')}" for k in _FAST]
+    lines += ["", f"The fixed-budget samplers ({', '.join(_FAST)})",
+              f"take --nfe, a budget of score evaluations (default {_NFE_DEFAULT}); they use at most that many",
+              "and print how many they used. Chapter 14 of the book measures their error against NFE."]
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m scorebook", description="Train, sample and evaluate score-based models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,nll}")
@@ -318,12 +340,15 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=_positive_int, help=threads)
 
     sa = sub.add_parser("sample", help="draw samples; writes a PNG and an .npz",
-                        description="Draw samples from a trained checkpoint (its EMA weights).")
+                        description="Draw samples from a trained checkpoint (its EMA weights).",
+                        epilog=_samplers_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     sa.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint.pt written by `train`")
     sa.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
-    sa.add_argument("--sampler", choices=("pc", "em", "ode"), default="pc",
-                    help="predictor-corrector, Euler-Maruyama, or the probability-flow ODE (adaptive)")
-    sa.add_argument("--steps", type=_positive_int, help="steps of the pc/em samplers (default: the preset's)")
+    sa.add_argument("--sampler", choices=("pc", "em", "ode") + _FAST, default="pc", metavar="NAME",
+                    help="one of " + ", ".join(("pc", "em", "ode") + _FAST) + " (default pc; listed below)")
+    sa.add_argument("--steps", type=_positive_int, help="reverse-time steps of --sampler pc or em (default: the preset's)")
+    sa.add_argument("--nfe", type=_positive_int,
+                    help=f"budget of score evaluations for the fixed-budget samplers (default {_NFE_DEFAULT})")
     sa.add_argument("--snr", type=_positive_float, default=0.16,
                     help="signal-to-noise ratio that sets the pc corrector's Langevin step (default 0.16)")
     sa.add_argument("--out", type=Path, help="a .png path, or an existing folder to write samples.png into "
@@ -562,6 +587,18 @@ def _cmd_sample(args, parser, argv) -> int:
 
     from .samplers import euler_maruyama, predictor_corrector, probability_flow
 
+    fixed_budget = args.sampler in _FAST
+    if fixed_budget and args.steps is not None:
+        parser.error(f"--steps is for --sampler pc or em; --sampler {args.sampler} takes a budget of score "
+                     f"evaluations: use --nfe")
+    if not fixed_budget and args.nfe is not None:
+        parser.error(f"--nfe is for the fixed-budget samplers ({', '.join(_FAST)}); "
+                     + ("--sampler ode is adaptive and picks its own steps" if args.sampler == "ode"
+                        else f"--sampler {args.sampler} takes --steps"))
+    nfe = _NFE_DEFAULT if args.nfe is None else args.nfe
+    if fixed_budget and nfe < _MIN_NFE.get(args.sampler, 1):
+        parser.error(f"--nfe: --sampler {args.sampler} needs at least {_MIN_NFE[args.sampler]} score evaluations, "
+                     f"got {nfe}")
     r = _restore(args.checkpoint, args.device, parser)
     png, npz = _sample_paths(args, parser)
     _set_threads(args.threads, r.net.kind)
@@ -575,6 +612,10 @@ def _cmd_sample(args, parser, argv) -> int:
             x = predictor_corrector(r.sde, r.model, x_T, steps, snr=args.snr, generator=g, progress=_tty())
         elif args.sampler == "em":
             x = euler_maruyama(r.sde, r.model, x_T, steps, generator=g, progress=_tty())
+        elif fixed_budget:  # scorebook.solvers: at most nfe score evaluations, counted
+            counter = NFECounter(r.model)
+            x = SAMPLERS[args.sampler](r.sde, counter, x_T, nfe, generator=g)
+            print(f"{args.sampler}: {counter.nfe} score evaluations (budget {nfe})")
         else:  # adaptive solver: the number of steps is the solver's choice
             if args.steps:
                 print("note: --steps does not apply to --sampler ode (an adaptive solver picks its steps)",

@@ -114,10 +114,8 @@ def edm_time(sde: SDE, sigma: SigmaLike) -> Tensor:
     """
     s = torch.as_tensor(sigma, dtype=F64).reshape(-1) if not isinstance(sigma, Tensor) else sigma.to(F64).reshape(-1)
     check_finite("sigma", s)
-    s_max = float(edm_sigma(sde, sde.T))
-    if (s < 0).any() or (s > s_max * (1 + 1e-12)).any():
-        raise ValueError(f"sigma must lie in [0, sigma_EDM(T) = {s_max:.6g}] for {type(sde).__name__}, "
-                         f"got values in [{s.min().item():.6g}, {s.max().item():.6g}]")
+    if (s < 0).any():
+        raise ValueError(f"sigma must lie in [0, sigma_EDM(T)], got values in [{s.min().item():.6g}, {s.max().item():.6g}]")
     if isinstance(sde, VESDE):
         t = 0.5 * torch.log1p((s / sde.sigma_min) ** 2) / math.log(sde.sigma_max / sde.sigma_min)
     elif isinstance(sde, SubVPSDE):      # std = 1 - a^2 and sigma = std / a: a^2 + sigma a - 1 = 0
@@ -126,12 +124,20 @@ def edm_time(sde: SDE, sigma: SigmaLike) -> Tensor:
     elif isinstance(sde, VPSDE):         # 1 / a^2 = 1 + sigma^2 and a^2 = exp(-int beta)
         t = _int_beta_inverse(sde, torch.log1p(s * s))
     else:                                # sigma_EDM(t) increases with t: bisect
+        s_max = float(edm_sigma(sde, sde.T))
+        if (s > s_max * (1 + 1e-12)).any():
+            raise ValueError(f"sigma must lie in [0, sigma_EDM(T) = {s_max:.6g}] for {type(sde).__name__}, "
+                             f"got values in [{s.min().item():.6g}, {s.max().item():.6g}]")
         lo, hi = torch.zeros_like(s), torch.full_like(s, sde.T)
         for _ in range(100):
             mid = 0.5 * (lo + hi)
             below = edm_sigma(sde, mid) < s
             lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
         t = 0.5 * (lo + hi)
+    if (t > sde.T * (1 + 1e-12)).any():  # closed forms: beyond the SDE's largest noise level
+        s_max = float(edm_sigma(sde, sde.T))
+        raise ValueError(f"sigma must lie in [0, sigma_EDM(T) = {s_max:.6g}] for {type(sde).__name__}, "
+                         f"got values in [{s.min().item():.6g}, {s.max().item():.6g}]")
     return t.clamp(0.0, sde.T)           # rounding at sigma_EDM(T) must not step past T
 
 

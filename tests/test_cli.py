@@ -30,6 +30,8 @@ def test_help_for_every_command(capsys):
     for name in PRESETS:
         assert name in out
     assert "--checkpoint" in out and "--trace" in out
+    for name in ("edm", "edm_sde", "dpmpp_2m", "ddim", "ddpm", "ode_heun", "ode_euler", "--nfe", "Algorithm 1"):
+        assert name in out  # sample --help lists every fixed-budget sampler, with its algorithm
 
 
 def test_module_entry_point_runs():
@@ -50,7 +52,22 @@ def test_bad_presets_flags_and_files(tmp_path, capsys):
     _fails(["sample", "--checkpoint", str(tmp_path / "none.pt")], capsys, "does not exist")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
     _fails(["nll", "--checkpoint", str(tmp_path / "foreign.pt")], capsys, "not a scorebook checkpoint")
-    _fails(["sample", "--checkpoint", str(tmp_path / "foreign.pt"), "--sampler", "ddim"], capsys, "invalid choice")
+    _fails(["sample", "--checkpoint", str(tmp_path / "foreign.pt"), "--sampler", "unipc"], capsys, "invalid choice")
+
+
+def test_sampler_flags_are_checked_before_the_checkpoint(tmp_path, capsys):
+    ckpt = str(tmp_path / "none.pt")  # never opened: each flag error comes first
+    _fails(["sample", "--checkpoint", ckpt, "--sampler", "dpm2m"], capsys,
+           "argument --sampler: invalid choice: 'dpm2m'", "dpmpp_2m")
+    _fails(["sample", "--checkpoint", ckpt, "--sampler", "edm", "--steps", "10"], capsys,
+           "--steps is for --sampler pc or em", "use --nfe")
+    _fails(["sample", "--checkpoint", ckpt, "--nfe", "10"], capsys, "--nfe is for the fixed-budget samplers",
+           "--sampler pc takes --steps")
+    _fails(["sample", "--checkpoint", ckpt, "--sampler", "ode", "--nfe", "10"], capsys, "picks its own steps")
+    _fails(["sample", "--checkpoint", ckpt, "--sampler", "ddim", "--nfe", "0"], capsys, "--nfe",
+           "expected a positive integer, got '0'")
+    _fails(["sample", "--checkpoint", ckpt, "--sampler", "ode_heun", "--nfe", "1"], capsys,
+           "--sampler ode_heun needs at least 2 score evaluations, got 1")
 
 
 def test_2d_train_resume_sample_nll(tmp_path, capsys):
@@ -66,6 +83,23 @@ def test_2d_train_resume_sample_nll(tmp_path, capsys):
     assert x.shape == (64, 2) and np.isfinite(x).all()
     with Image.open(run / "samples.png") as im:
         assert im.size[0] > 100
+    capsys.readouterr()
+    # every fixed-budget sampler of scorebook.solvers, at a budget of 10 score evaluations: Heun-type EDM
+    # spends 2 per step and 1 on the last (so 9 of the 10), the others all 10
+    used = {"edm": 9, "edm_sde": 9, "dpmpp_2m": 10, "ddim": 10, "ddpm": 10, "ode_heun": 10, "ode_euler": 10}
+    got = {}
+    for name, n in used.items():
+        assert main(["sample", "--checkpoint", str(run / "checkpoint.pt"), "--n", "64", "--sampler", name,
+                     "--nfe", "10"]) == 0
+        assert f"{name}: {n} score evaluations (budget 10)" in capsys.readouterr().out
+        got[name] = np.load(run / "samples.npz")["x"]
+        assert got[name].shape == (64, 2) and np.isfinite(got[name]).all()
+    assert main(["sample", "--checkpoint", str(run / "checkpoint.pt"), "--n", "64", "--sampler", "dpmpp_2m",
+                 "--nfe", "10"]) == 0  # the same seed gives the same samples
+    np.testing.assert_array_equal(np.load(run / "samples.npz")["x"], got["dpmpp_2m"])
+    assert not np.allclose(got["dpmpp_2m"], got["ddim"])  # a different sampler, different samples
+    assert main(["sample", "--checkpoint", str(run / "checkpoint.pt"), "--n", "64", "--sampler", "edm"]) == 0
+    assert "edm: 35 score evaluations (budget 35)" in capsys.readouterr().out  # the default budget
     assert main(["nll", "--checkpoint", str(run / "checkpoint.pt"), "--n", "32", "--tol", "1e-3",
                  "--trace", "exact"]) == 0
     out = capsys.readouterr().out
