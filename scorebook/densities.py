@@ -402,6 +402,179 @@ def oracle_score(dist: GaussianMixture, sde=None) -> ScoreFn:
     return score
 
 
+__all__ += ["conditional_mixture", "sample_labelled", "oracle_classifier", "posterior_mixture",
+            "oracle_measurement_log_likelihood"]
+
+
+# ----- conditioning: on a label, and on a noisy linear measurement ----------------------------
+def _class_ids(mixture: GaussianMixture, classes) -> Tensor:
+    """The class of each component as a (K,) int64 tensor; ``None`` means component k is class k."""
+    k = mixture.n_components
+    if classes is None:
+        return torch.arange(k)
+    c = torch.as_tensor(classes)
+    if c.shape != (k,) or c.is_floating_point() or (c < 0).any():
+        raise ValueError(f"classes must hold one non-negative integer class per component, shape ({k},); "
+                         f"got {c.tolist() if c.ndim <= 1 else tuple(c.shape)}")
+    c = c.to(torch.int64)
+    missing = sorted(set(range(int(c.max()) + 1)) - set(c.tolist()))
+    if missing:
+        raise ValueError(f"classes must use every label 0..{int(c.max())}; no component has class {missing}")
+    return c
+
+
+def conditional_mixture(mixture: GaussianMixture, label: int, classes=None) -> GaussianMixture:
+    """``p(x | y = label)``: the components of class ``label``, their weights renormalised.
+
+    ``classes`` gives the class of each component, (K,) integers (default: component k is class k).
+    Bayes' rule with ``p(y = c | k) = 1[c_k = c]``: ``p(x | c) = sum_{k: c_k = c} w_k N_k(x) / sum_{k: c_k = c} w_k``.
+    """
+    c = _class_ids(mixture, classes)
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label <= int(c.max()):
+        raise ValueError(f"label must be an integer class in 0..{int(c.max())}, got {label!r}")
+    cpu = mixture.to("cpu")
+    keep = c == label                                                           # (K,) bool
+    w = cpu.weights[keep]
+    if float(w.sum()) == 0.0:
+        raise ValueError(f"class {label} has zero prior weight: p(x | y = {label}) is undefined")
+    return GaussianMixture(cpu.means[keep], cpu.covs[keep], w / w.sum()).to(mixture.device)
+
+
+def sample_labelled(mixture: GaussianMixture, n: int, generator: torch.Generator | None = None,
+                    classes=None) -> tuple[Tensor, Tensor]:
+    """``n`` draws ``(x, y)`` from the joint law: a component k ~ w, x ~ N_k, y = class of k.
+
+    Returns x (n, D) float64 and y (n,) int64, on the generator's (or the mixture's) device.
+    """
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    c = _class_ids(mixture, classes)
+    dev = generator.device if generator is not None else mixture.device
+    work = _work_dtype(dev)
+    mu, lam, u, w = (t.to(dev, work) for t in (mixture.means, mixture._evals, mixture._evecs, mixture.weights))
+    k = torch.multinomial(w, n, replacement=True, generator=generator)           # (n,) components
+    z = torch.randn(n, mixture.dim, generator=generator, device=dev, dtype=work)   # (n, D)
+    x = mu[k] + torch.einsum("nde,ne->nd", u[k], lam[k].sqrt() * z)
+    return x, c.to(dev)[k]
+
+
+def _marginal_coefs(x: Tensor, sde, t: TimeLike) -> tuple[Tensor, Tensor]:
+    """Per-sample ``a`` and ``std^2`` of ``x_t = a x_0 + std z``: SDE time with an SDE, noise std otherwise."""
+    tt = as_time(t, x)
+    check_finite("the noise level or time t", tt)
+    if sde is None:
+        if (tt < 0).any():
+            raise ValueError("the noise level sigma = t must be >= 0")
+        return torch.ones_like(tt), tt ** 2
+    return sde.mean_coef(tt).to(x.dtype), sde.marginal_std(tt).to(x.dtype) ** 2
+
+
+def oracle_classifier(mixture: GaussianMixture, sde=None, classes=None):
+    """The exact time-dependent classifier ``log p_t(y = c | x_t)`` of a labelled mixture, as ``f(x, t) -> (B, C)``.
+
+    ``p_t(c | x) = sum_{k: c_k = c} r_k(x)``, with ``r_k`` the responsibilities of the mixture at
+    time ``t`` (``t`` is the SDE time with ``sde``, the noise std sigma without). Differentiable in
+    ``x``, so ``grad_x log p_t(c | x)`` is the exact likelihood score for guidance. Log-probabilities
+    in nats, float64 (float32 on MPS), then cast to x's dtype.
+    """
+    if not isinstance(mixture, GaussianMixture):
+        raise TypeError(f"oracle_classifier needs a GaussianMixture, got {type(mixture).__name__}")
+    c = _class_ids(mixture, classes)
+    n_classes = int(c.max()) + 1
+
+    def log_probs(x: Tensor, t: TimeLike) -> Tensor:
+        a, s2 = _marginal_coefs(x.to(_work_dtype(x.device)), sde, t)
+        log_wn, _ = mixture._components(x, a, s2)                                   # (B, K)
+        log_r = torch.log_softmax(log_wn, dim=1)                                     # log r_k(x_t)
+        onehot = torch.nn.functional.one_hot(c.to(x.device), n_classes).to(log_r.dtype)  # (K, C)
+        # log sum_{k in c} r_k, computed stably as a logsumexp with -inf for components outside c
+        masked = log_r[:, :, None] + torch.log(onehot)[None]                        # (B, K, C)
+        return torch.logsumexp(masked, dim=1).to(x.dtype)                           # (B, C)
+
+    log_probs.__doc__ = f"exact log p_t(y | x) of {mixture!r}" + ("" if sde is None else f" under {sde!r}")
+    return log_probs
+
+
+def _check_measurement(mixture: GaussianMixture, A, y, noise_std) -> tuple[Tensor, Tensor, float]:
+    a = _as64("A", A)
+    if a.ndim == 1:
+        a = a[None]                                                                  # one measurement
+    if a.ndim != 2 or a.shape[1] != mixture.dim or a.shape[0] < 1:
+        raise ValueError(f"A must be an (M, {mixture.dim}) matrix, got shape {tuple(a.shape)}")
+    yy = _as64("y", y).reshape(-1)
+    if yy.shape != (a.shape[0],):
+        raise ValueError(f"y must hold M = {a.shape[0]} measurements, got {yy.numel()}")
+    if not isinstance(noise_std, (int, float)) or isinstance(noise_std, bool) or not (
+            math.isfinite(noise_std) and noise_std > 0):
+        raise ValueError(f"noise_std must be a finite number > 0 (with no noise the posterior is singular on "
+                         f"the measured directions), got {noise_std!r}")
+    return a, yy, float(noise_std)
+
+
+def posterior_mixture(mixture: GaussianMixture, A, y, noise_std: float) -> GaussianMixture:
+    """The exact posterior ``p(x | y)`` for ``y = A x + n``, ``n ~ N(0, noise_std^2 I)``: again a mixture.
+
+    Per component (Bayes' rule for a linear-Gaussian model): ``S_k = A Sigma_k A^T + s^2 I``,
+    gain ``G_k = Sigma_k A^T S_k^{-1}``, mean ``mu_k + G_k (y - A mu_k)``, covariance
+    ``Sigma_k - G_k A Sigma_k``; weights ``proportional to w_k N(y; A mu_k, S_k)``. ``A`` is (M, D) (or (D,)
+    for one measurement), ``y`` (M,).
+    """
+    a, yy, s = _check_measurement(mixture, A, y, noise_std)
+    cpu = mixture.to("cpu")
+    mu, cov, m = cpu.means, cpu.covs, a.shape[0]
+    S = a @ cov @ a.T + s * s * torch.eye(m, dtype=_F64)                          # (K, M, M)
+    G = torch.linalg.solve(S, a @ cov).transpose(-1, -2)                          # (K, D, M)  Sigma A^T S^-1
+    resid = yy[None] - mu @ a.T                                                    # (K, M)
+    post_mu = mu + torch.einsum("kdm,km->kd", G, resid)                            # (K, D)
+    post_cov = cov - G @ a @ cov                                                   # (K, D, D)
+    post_cov = 0.5 * (post_cov + post_cov.transpose(-1, -2))                        # symmetric to rounding
+    L = torch.linalg.cholesky(S)
+    z = torch.linalg.solve_triangular(L, resid[..., None], upper=False)[..., 0]    # (K, M)  L^-1 r
+    log_ev = (-0.5 * (z ** 2).sum(-1) - torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+              - 0.5 * m * LOG_2PI)                                                 # (K,) log N(y; A mu_k, S_k)
+    w = torch.softmax(torch.log(cpu.weights) + log_ev, dim=0)
+    return GaussianMixture(post_mu, post_cov, w).to(mixture.device)
+
+
+def oracle_measurement_log_likelihood(mixture: GaussianMixture, A, y, noise_std: float, sde=None):
+    """The exact ``log p_t(y | x_t)`` for ``y = A x_0 + n``, as ``f(x, t) -> (B,)`` in nats.
+
+    ``x_t = a x_0 + std z`` (SDE time ``t`` with ``sde``, noise std ``t`` without). Given ``x_t`` and
+    component k, ``x_0`` is Gaussian with mean ``m_k = mu_k + a Sigma_k (a^2 Sigma_k + std^2 I)^{-1}
+    (x_t - a mu_k)`` and covariance ``C_k = std^2 Sigma_k (a^2 Sigma_k + std^2 I)^{-1}``, so
+    ``p_t(y | x_t) = sum_k r_k(x_t) N(y; A m_k, A C_k A^T + s^2 I)``. Differentiable in ``x``.
+    At ``t = 0`` it is ``N(y; A x, s^2 I)``.
+    """
+    if not isinstance(mixture, GaussianMixture):
+        raise TypeError(f"oracle_measurement_log_likelihood needs a GaussianMixture, got {type(mixture).__name__}")
+    a_mat, yy, s = _check_measurement(mixture, A, y, noise_std)
+    m = a_mat.shape[0]
+
+    def log_lik(x: Tensor, t: TimeLike) -> Tensor:
+        work = _work_dtype(x.device)
+        a, s2 = _marginal_coefs(x.to(work), sde, t)                                 # (B,), (B,)
+        log_wn, _ = mixture._components(x, a, s2)                                   # (B, K)
+        log_r = torch.log_softmax(log_wn, dim=1)                                     # log r_k(x_t)
+        mu, lam, u = (v.to(x.device, work) for v in (mixture.means, mixture._evals, mixture._evecs))
+        am, yv = a_mat.to(x.device, work), yy.to(x.device, work)
+        xe = x.to(work)
+        an, s2n = a[:, None, None], s2[:, None, None]                               # (B, 1, 1)
+        diff = torch.einsum("bke,ked->bkd", xe[:, None] - an * mu[None], u)          # (B, K, D) eigen-coords
+        m_k = mu[None] + torch.einsum("ked,bkd->bke", u, an * lam[None] / (an ** 2 * lam[None] + s2n) * diff)
+        c_eig = s2n * lam[None] / (an ** 2 * lam[None] + s2n)                        # (B, K, D) eigenvalues of C_k
+        au = torch.einsum("md,kde->kme", am, u)                                      # (K, M, D)  A U_k
+        cov_y = torch.einsum("kme,bke,kne->bkmn", au, c_eig, au) + s * s * torch.eye(m, dtype=work, device=x.device)
+        resid = yv - torch.einsum("md,bkd->bkm", am, m_k)                            # (B, K, M)
+        L = torch.linalg.cholesky(cov_y)                                             # (B, K, M, M)
+        z = torch.linalg.solve_triangular(L, resid[..., None], upper=False)[..., 0]
+        log_n = (-0.5 * (z ** 2).sum(-1) - torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+                 - 0.5 * m * LOG_2PI)                                                # (B, K)
+        return torch.logsumexp(log_r + log_n, dim=1).to(x.dtype)                     # (B,)
+
+    log_lik.__doc__ = f"exact log p_t(y | x_t) for {mixture!r}" + ("" if sde is None else f" under {sde!r}")
+    return log_lik
+
+
 __all__ += ["gaussian_cross_entropy", "mixture_entropy"]
 
 
