@@ -88,8 +88,9 @@ def _with_cached_outputs(app, nb: dict) -> dict:
     the execution cache (it renders the merged copy but saves the unmerged one), so a rebuild would offer
     output-less downloads; merge them back from the same cache."""
     code = [c for c in nb.get("cells", []) if c.get("cell_type") == "code"]
-    cache_dir = getattr(app.config, "nb_execution_cache_path", "") or ""
-    if not code or any(c.get("outputs") for c in code) or not cache_dir or not Path(cache_dir).is_dir():
+    # myst-nb's default cache folder (used when _config.yml sets no execute.cache) sits beside the HTML
+    cache_dir = getattr(app.config, "nb_execution_cache_path", "") or str(Path(app.outdir).parent / ".jupyter_cache")
+    if not code or any(c.get("outputs") for c in code) or not Path(cache_dir).is_dir():
         return nb
     import nbformat
     from jupyter_cache import get_cache
