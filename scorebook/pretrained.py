@@ -92,6 +92,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"model file {str(path)!r} does not exist")
+    from .train import _MAGIC
+
+    with open(path, "rb") as f:
+        if f.read(len(_MAGIC)) == _MAGIC:
+            raise ValueError(f"{str(path)!r} is a training checkpoint, not a scorebook model file; a training "
+                             "checkpoint is turned into one by scorebook.pretrained.export_model")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, random bytes, pickled foreign objects
