@@ -156,6 +156,15 @@ def test_math_is_typeset(report, page_name):
 
 
 @pytest.mark.parametrize("page_name", PAGES)
+def test_no_raw_markdown_tables(report, page_name):
+    """A Markdown table that was not rendered shows as lines of pipes, for example '| a | b |' and '| --- |'."""
+    text = report[page_name]["text"]
+    rules = [m.start() for m in re.finditer(r"\|\s*(?:—|–|:?-{3,}:?)\s*\|", text)]   # a header rule, typeset or not
+    where = text[max(0, rules[0] - 120):rules[0] + 40] if rules else ""
+    assert rules == [], f"unrendered Markdown table on {page_name}: {where!r}"
+
+
+@pytest.mark.parametrize("page_name", PAGES)
 def test_images_load_and_figures_are_legible(report, page_name):
     imgs = report[page_name]["imgs"]
     broken = [i["src"][:120] for i in imgs if not (i["complete"] and i["natural"] > 0)]
