@@ -346,7 +346,8 @@ def bench_digits(s: Settings, log: Callable[[str], None]) -> dict:
     mu = ytr.mean(0)
     cov = torch.cov(ytr.T) + 1e-6 * torch.eye(dim, dtype=F64)
     gauss = torch.distributions.MultivariateNormal(mu, covariance_matrix=cov)
-    bpd_gauss = float(discrete_bpd(gauss.log_prob(yte), dim, k).mean())
+    bpd_gauss_per = discrete_bpd(gauss.log_prob(yte), dim, k)                # (n_test,) per image
+    bpd_gauss = float(bpd_gauss_per.mean())
 
     def kde_logp(train: Tensor, test: Tensor, h: float) -> Tensor:
         d2 = torch.cdist(test, train).pow(2)                                # (M, N)
@@ -358,7 +359,7 @@ def bench_digits(s: Settings, log: Callable[[str], None]) -> dict:
     h = max(grid, key=lambda b: float(kde_logp(fit, val, b).mean()))
     bpd_kde = float(discrete_bpd(kde_logp(ytr[:n_fit], yte, h), dim, k).mean())
     log("digits: baselines done")
-    model = _digits_model_bpd(yte, k, s.digits_model_test, bpd_gauss_per=discrete_bpd(gauss.log_prob(yte), dim, k))
+    model = _digits_model_bpd(yte, k, s.digits_model_test, bpd_gauss_per=bpd_gauss_per)
     log("digits: model done")
     return {"n_train": int(ytr.shape[0]), "n_test": int(yte.shape[0]), "gaussian_bpd": bpd_gauss, "kde_bpd": bpd_kde,
             "kde_bandwidth": h, "model": model, "target_bpd": 1.5,

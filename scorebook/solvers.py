@@ -120,13 +120,19 @@ def edm_heun(sde: SDE, score: ScoreFn, x_T: Tensor, sigmas: Tensor) -> Tensor:
     D = edm_denoiser(lambda x, t: evaluate_score(score, x, t), sde)
     y = _check_start(x_T) / _a(sde, float(sig[0]), x_T)                       # (B, ...) on the data scale
     for s_cur, s_next in zip(sig[:-1].tolist(), sig[1:].tolist()):
-        d = (y - D(y, s_cur)) / s_cur                                          # slope dy/dsigma at s_cur
-        y_next = y + (s_next - s_cur) * d                                      # Euler step
-        if s_next > 0:                                                         # 2nd-order correction
-            d_next = (y_next - D(y_next, s_next)) / s_next
-            y_next = y + (s_next - s_cur) * 0.5 * (d + d_next)
-        y = y_next
+        y = _heun_step(D, y, s_cur, s_next)
     return _a(sde, float(sig[-1]), y) * y
+
+
+def _heun_step(D, y: Tensor, s_cur: float, s_next: float) -> Tensor:
+    """One step of EDM's Heun solver on ``dy/dsigma = (y - D(y, sigma)) / sigma`` from ``s_cur`` to ``s_next``
+    (Karras et al. 2022, Algorithm 1, lines 4-8): Euler, then the trapezoidal correction unless ``s_next = 0``."""
+    d = (y - D(y, s_cur)) / s_cur                                              # slope dy/dsigma at s_cur
+    y_next = y + (s_next - s_cur) * d                                          # Euler step
+    if s_next > 0:                                                             # 2nd-order correction
+        d_next = (y_next - D(y_next, s_next)) / s_next
+        y_next = y + (s_next - s_cur) * 0.5 * (d + d_next)
+    return y_next
 
 
 def edm_stochastic(sde: SDE, score: ScoreFn, x_T: Tensor, sigmas: Tensor, s_churn: float = 40.0,
@@ -153,12 +159,7 @@ def edm_stochastic(sde: SDE, score: ScoreFn, x_T: Tensor, sigmas: Tensor, s_chur
         gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= s_cur <= s_tmax else 0.0
         s_hat = min(s_cur * (1 + gamma), s_max)                                # raise the noise level ...
         y_hat = y + math.sqrt(s_hat ** 2 - s_cur ** 2) * s_noise * _noise(y, generator)   # ... by adding noise
-        d = (y_hat - D(y_hat, s_hat)) / s_hat                                  # Euler step from s_hat
-        y_next = y_hat + (s_next - s_hat) * d
-        if s_next > 0:                                                         # 2nd-order correction
-            d_next = (y_next - D(y_next, s_next)) / s_next
-            y_next = y_hat + (s_next - s_hat) * 0.5 * (d + d_next)
-        y = y_next
+        y = _heun_step(D, y_hat, s_hat, s_next)                                # Heun step from s_hat
     return _a(sde, float(sig[-1]), y) * y
 
 

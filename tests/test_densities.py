@@ -312,6 +312,8 @@ def test_nan_input_and_nan_noise_level_raise():
         gm.log_prob(x)
     with pytest.raises(ValueError, match="x contains 1 NaN"):
         oracle_score(gm)(x, 0.5)
+    with pytest.raises(ValueError, match="x contains 1 NaN"):
+        oracle_score(gm, VPSDE())(x, 0.5)
     with pytest.raises(ValueError, match="noise level or time t contains"):
         oracle_score(gm)(torch.zeros(3, 2, dtype=F64), float("nan"))
     with pytest.raises(ValueError, match="t"):

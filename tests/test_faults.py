@@ -476,18 +476,7 @@ def test_likelihood_with_a_fixed_step_method_needs_n_steps():
     assert r.nfe == 4 * 40 and float((r.nats - exact).abs().mean()) < errs[1]
 
 
-def test_nan_in_is_an_error_not_nan_out():
-    # implemented in scorebook.densities (tested there in depth); listed here with the other cases
-    gm = song_ermon_mixture()
-    x = torch.zeros(2, 2, dtype=F64)
-    x[0, 1] = float("nan")
-    with pytest.raises(ValueError, match="x contains 1 NaN"):
-        gm.log_prob(x)
-    with pytest.raises(ValueError, match="x contains 1 NaN"):
-        oracle_score(gm, VPSDE())(x, 0.5)
-    with pytest.raises(ValueError, match="t"):
-        oracle_score(gm)(torch.zeros(2, 2, dtype=F64), float("nan"))
-
+# NaN in, error out: scorebook.densities, tested in tests/test_densities.py::test_nan_input_and_nan_noise_level_raise
 
 # ===== Clear errors instead of tracebacks ==================================================
 def test_missing_devices_and_huge_seeds_are_usage_errors(capsys):
