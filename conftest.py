@@ -44,3 +44,30 @@ def pytest_collect_file(file_path: Path, parent):
     if _is_chapter(file_path):
         return IPyNbFile.from_parent(parent, path=file_path)
     return None
+
+
+# Longest first. pytest-xdist (``--dist loadfile``) hands files to the workers in collection order, so a
+# long file collected last would run alone at the end while the other core idles. These files take
+# minutes (measured with ``--durations``); starting them first lets the short ones fill the gaps.
+LONGEST_FIRST = [
+    "tests/test_html.py",                # every built page in headless Chromium
+    "tests/test_bench.py",               # the quick benchmark, including the peer comparison
+    "book/13_images.md",
+    "book/06_score_matching.md",
+    "book/12_probability_flow.md",
+    "book/11_sdes.md",
+]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    root = Path(__file__).resolve().parent
+
+    def key(item):
+        try:
+            rel = Path(str(item.path)).resolve().relative_to(root).as_posix()
+        except ValueError:
+            rel = ""
+        return rank.get(rel, len(rank))
+
+    items.sort(key=key)   # stable: within a file, and among the other files, the collection order is kept

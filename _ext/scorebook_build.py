@@ -19,11 +19,20 @@ It does four small things the themes do not:
 * A light default colour mode (an empty one logs a JavaScript error on every page).
 * Nothing is fetched from a CDN: no widget manager (``nb_ipywidgets_js: {}`` in _config.yml) and
   MathJax from ``sphinx-mathjax-offline``.
+* **Chapters execute in parallel.** myst-nb executes the notebooks one after another while Sphinx reads
+  them. Before reading, we execute every chapter whose outputs are not in the execution cache, one
+  process per core (``SCOREBOOK_BUILD_JOBS`` overrides the count; 1 turns this off), with myst-nb's own
+  execution function and settings, and store the results in its cache, where myst-nb then finds them.
+  Each kernel is limited to one BLAS/OpenMP thread, so that N kernels share N cores without
+  oversubscription (every chapter also sets ``torch.set_num_threads(1)`` itself). A chapter that fails
+  here is left out of the cache, and myst-nb runs it again on its own and reports the error as usual.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
+import time
 from pathlib import Path
 
 STATIC = Path(__file__).parent / "static"
@@ -130,7 +139,73 @@ def _config(app, config) -> None:
     config.html_context = ctx
 
 
+def _execute_one(nb, cwd: str, timeout: int, allow_errors: bool):
+    """Run in a worker process: execute one notebook exactly as myst-nb's cache mode does."""
+    from jupyter_cache.executors.utils import single_nb_execution
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, "1")                  # the kernel inherits this process's environment
+    result = single_nb_execution(nb, cwd=cwd, allow_errors=allow_errors, timeout=timeout, meta_override=True)
+    return nb, result.time, (None if result.err is None else f"{type(result.err).__name__}: {result.err}")
+
+
+def _pre_execute(app, env, docnames) -> None:
+    """Execute the notebooks Sphinx is about to read, in parallel, into myst-nb's execution cache."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    from jupyter_cache import get_cache
+    from jupyter_cache.base import CacheBundleIn
+    from myst_nb.core.read import create_nb_reader
+    from sphinx.util import logging
+
+    log = logging.getLogger(__name__)
+    nb_config = env.mystnb_config
+    jobs = int(os.environ.get("SCOREBOOK_BUILD_JOBS", "0") or 0) or (os.cpu_count() or 1)
+    if nb_config.execution_mode != "cache" or jobs < 2:
+        return
+    cache = get_cache(nb_config.execution_cache_path or ".jupyter_cache")
+    todo = []
+    for docname in docnames:
+        path = Path(env.doc2path(docname))
+        text = path.read_text(encoding="utf-8")
+        reader = create_nb_reader(str(path), env.myst_config, nb_config, text)
+        if reader is None:                                       # plain Markdown, not a notebook
+            continue
+        nb = reader.read(text)
+        if not any(c.cell_type == "code" for c in nb.cells):
+            continue
+        try:
+            cache.match_cache_notebook(nb)                       # already executed with this code
+            continue
+        except KeyError:
+            todo.append((path, nb))
+    if len(todo) < 2:
+        return                                                   # nothing to gain; myst-nb runs it
+    todo.sort(key=lambda item: -item[0].stat().st_size)          # the long chapters first
+    jobs = min(jobs, len(todo))
+    log.info(f"scorebook: executing {len(todo)} notebooks in {jobs} parallel processes")
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(_execute_one, nb, str(path.parent), nb_config.execution_timeout,
+                               nb_config.execution_allow_errors): path for path, nb in todo}
+        for future in as_completed(futures):
+            path = futures[future]
+            try:
+                nb, seconds, err = future.result()
+            except Exception as exc:                             # a crashed worker: myst-nb retries alone
+                nb, seconds, err = None, 0.0, f"{type(exc).__name__}: {exc}"
+            if err is not None:
+                log.info(f"scorebook: {path.name} failed in the parallel pass ({err}); myst-nb will run it")
+                continue
+            cache.cache_notebook_bundle(CacheBundleIn(nb, str(path), data={"execution_seconds": seconds}),
+                                        check_validity=False, overwrite=True)
+            log.info(f"scorebook: executed {path.name} in {seconds:.1f} s")
+    log.info(f"scorebook: parallel execution took {time.perf_counter() - t0:.0f} s")
+
+
 def setup(app):
+    app.connect("env-before-read-docs", _pre_execute)
     app.connect("config-inited", _config)
     app.connect("builder-inited", lambda app: app.config.html_static_path.append(str(STATIC)))
     app.add_js_file("scorebook-math.js", defer="defer")
