@@ -175,12 +175,18 @@ def test_a_signal_saves_at_the_current_step_and_restores_the_handlers(tmp_path, 
 
 
 def test_without_a_checkpoint_ctrl_c_is_left_alone(tmp_path):
-    # no checkpoint configured: train() installs no handler, so Jupyter's (here Python's) interrupt acts at once
-    before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt) as e:
-        train(ScoreMLP(2, 8, 1), _loss, torch.randn(64, 2), _cfg(steps=50), callback=_signal_at(2, signal.SIGINT))
-    assert not isinstance(e.value, TrainingInterrupted)
-    assert signal.getsignal(signal.SIGINT) is before
+    # no checkpoint configured: train() installs no handler, so Jupyter's (here Python's) interrupt acts at once.
+    # Python's own handler is put in place first: what a test worker process has there depends on what ran in it
+    # before (under pytest-xdist it was once found replaced), and this test is about train(), not about that.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt) as e:
+            train(ScoreMLP(2, 8, 1), _loss, torch.randn(64, 2), _cfg(steps=50),
+                  callback=_signal_at(2, signal.SIGINT))
+        assert not isinstance(e.value, TrainingInterrupted)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 # --- real kill -9 and real SIGINT of the command line, then a resume equal to an uninterrupted run
