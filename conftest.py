@@ -47,8 +47,10 @@ def pytest_collect_file(file_path: Path, parent):
 
 
 # Longest first. pytest-xdist (``--dist loadfile``) hands files to the workers in collection order, so a
-# long file collected last would run alone at the end while the other core idles. These files take
-# minutes (measured with ``--durations``); starting them first lets the short ones fill the gaps.
+# long file collected last would run alone at the end while the other core idles. These files took 1-4
+# minutes each on the 2-core machine (test_html's setup 214 s, test_bench's quick benchmark 154 s, the
+# chapters 65-90 s by scripts/chapter_times.py and the build's log); starting them first lets the short ones
+# fill the gaps.
 LONGEST_FIRST = [
     "tests/test_html.py",                # every built page in headless Chromium
     "tests/test_bench.py",               # the quick benchmark, including the peer comparison

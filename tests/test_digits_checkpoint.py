@@ -58,16 +58,21 @@ def test_committed_model_is_small_and_names_its_command():
     assert meta["preset"] == "digits"
 
 
-def test_the_command_retraces_the_recorded_run(tmp_path):
-    """The first steps of the command give, step by step, the losses recorded in the committed model file."""
+def _first_losses(run: Path, n: int, *extra: str) -> tuple[np.ndarray, np.ndarray]:
+    """The losses of the command's first ``n`` steps (with ``extra`` arguments), and those the model file recorded."""
     from scorebook.cli import main as cli_main
     from scorebook.train import load_checkpoint
 
-    n = 12
     torch.set_num_threads(1)
-    assert cli_main(train_args(tmp_path / "run") + ["--steps", str(n)]) == 0
-    losses = np.array(load_checkpoint(tmp_path / "run" / "checkpoint.pt")["losses"])
-    recorded = np.array(load_model(COMMITTED)[2]["losses"][:n])
+    assert cli_main(train_args(run) + ["--steps", str(n), *extra]) == 0
+    losses = np.array(load_checkpoint(run / "checkpoint.pt")["losses"])
+    return losses, np.array(load_model(COMMITTED)[2]["losses"][:n])
+
+
+def test_the_command_retraces_the_recorded_run(tmp_path):
+    """The first steps of the command give, step by step, the losses recorded in the committed model file."""
+    n = 12
+    losses, recorded = _first_losses(tmp_path / "run", n)
     assert losses.shape == (n,)
     # identical on the machine that made the file; elsewhere floating-point summation order may differ slightly,
     # and a different command (preset, seed, batch, learning rate) would be off by far more than 1e-3
@@ -76,13 +81,7 @@ def test_the_command_retraces_the_recorded_run(tmp_path):
 
 def test_retrace_check_would_notice_another_command(tmp_path):
     """Another seed gives other losses at the same steps, far outside the tolerance used above."""
-    from scorebook.cli import main as cli_main
-    from scorebook.train import load_checkpoint
-
-    torch.set_num_threads(1)
-    assert cli_main(train_args(tmp_path / "run") + ["--steps", "3", "--seed", "1"]) == 0
-    losses = np.array(load_checkpoint(tmp_path / "run" / "checkpoint.pt")["losses"])
-    recorded = np.array(load_model(COMMITTED)[2]["losses"][:3])
+    losses, recorded = _first_losses(tmp_path / "run", 3, "--seed", "1")
     assert not np.allclose(losses, recorded, rtol=1e-3)
 
 
